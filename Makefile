@@ -1,0 +1,26 @@
+# Two entry points do all set-up on a fresh machine:
+#   make demo   create .venv, install, run the embedded default end to end
+#   make test   create .venv, install, run the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(PY) -m omniflow.demo --out runs/demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+clean:
+	rm -rf runs .pytest_cache

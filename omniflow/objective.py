@@ -1,0 +1,183 @@
+"""Multi-modal rectified-flow training objective.
+
+`plan_batch` turns one task per sample into per-modality flow times, loss masks and a pooled-vector
+mask, applying the reference's training rules; `flow_loss` noises the latents, runs the model and
+returns the weighted, masked MSE with each modality's and task's component for logging.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from omniflow.flow import TimestepScheme, interpolate, sample_timesteps, shift_timesteps, velocity_target
+from omniflow.modality import MODALITIES, Modality
+from omniflow.tasks import Role, Task
+from omniflow.transformer import PREDICTION, OmniFlowTransformer
+
+
+class TimestepSampling(BaseModel):
+    """How a target's flow time is drawn: a density, then SD3's shift per modality."""
+
+    model_config = ConfigDict(extra="forbid")
+    scheme: TimestepScheme = "logit_normal"
+    mean: float = 0.0
+    std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+    shift: dict[Modality, float] = Field(default_factory=lambda: {m: 3.0 for m in MODALITIES})
+
+
+class TrainingRules(BaseModel):
+    """The reference's per-sample rules for conditions, applied independently per sample.
+
+    noised_condition_p: a condition is noised to a sampled time instead of kept clean (loss off).
+    condition_drop_p: a condition is replaced by pure noise at t = 1, for classifier-free guidance.
+    pooled_drop_p: the pooled vector is zeroed.
+    skip_absent: leave a modality absent from every sample out of the forward pass instead of
+        feeding it as pure noise at t = 1 (cheaper; the reference feeds noise).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    noised_condition_p: float = Field(0.2, ge=0, le=1)
+    condition_drop_p: float = Field(0.15, ge=0, le=1)
+    pooled_drop_p: float = Field(0.15, ge=0, le=1)
+    skip_absent: bool = False
+
+
+class FlowObjective(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    timesteps: TimestepSampling = Field(default_factory=TimestepSampling)
+    rules: TrainingRules = Field(default_factory=TrainingRules)
+    loss_weights: dict[Modality, float] = Field(default_factory=lambda: {m: 1.0 for m in MODALITIES})
+
+
+@dataclass
+class BatchPlan:
+    """Per-sample flow times (B,) and loss masks (B,) per modality, and which pooled vector to use."""
+
+    timesteps: dict[Modality, torch.Tensor]
+    loss_mask: dict[Modality, torch.Tensor]
+    pooled_source: list[Modality | None]
+    pooled_keep: torch.Tensor
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    per_modality: dict[str, torch.Tensor]
+    per_task: dict[str, torch.Tensor]
+
+
+def plan_batch(
+    tasks: Sequence[Task],
+    objective: FlowObjective,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> BatchPlan:
+    """Draw flow times and masks for a batch with one task per sample."""
+    batch = len(tasks)
+    rules, sampling = objective.rules, objective.timesteps
+    uniform = lambda: torch.rand(batch, generator=generator, device=device)  # noqa: E731
+    dropped: dict[Modality, torch.Tensor] = {}
+    timesteps, loss_mask = {}, {}
+    for m in MODALITIES:
+        role = [task.roles[m] for task in tasks]
+        is_target = torch.tensor([r == Role.TARGET for r in role], device=device)
+        is_condition = torch.tensor([r == Role.CONDITION for r in role], device=device)
+        drawn = sample_timesteps(
+            batch,
+            scheme=sampling.scheme,
+            mean=sampling.mean,
+            std=sampling.std,
+            mode_scale=sampling.mode_scale,
+            generator=generator,
+            device=device,
+        )
+        drawn = shift_timesteps(drawn, sampling.shift.get(m, 1.0))
+        noised = is_condition & (uniform() < rules.noised_condition_p)
+        dropped[m] = is_condition & (uniform() < rules.condition_drop_p)
+        t = torch.ones(batch, device=device)
+        t = torch.where(is_condition, torch.zeros_like(t), t)
+        t = torch.where(is_target | noised, drawn, t)
+        timesteps[m] = torch.where(dropped[m], torch.ones_like(t), t)
+        loss_mask[m] = is_target.float()
+
+    sources = [task.pooled_source for task in tasks]
+    keep = uniform() >= rules.pooled_drop_p
+    for b, source in enumerate(sources):
+        if source is None or dropped[source][b]:
+            keep[b] = False
+    return BatchPlan(timesteps=timesteps, loss_mask=loss_mask, pooled_source=sources, pooled_keep=keep)
+
+
+def select_pooled(
+    pooled: Mapping[str, torch.Tensor], sources: Sequence[Modality | None], keep: torch.Tensor, width: int
+) -> torch.Tensor:
+    """Per sample, the pooled vector of its source modality, or zeros where none or not kept."""
+    ref = next(iter(pooled.values()), None)
+    out = torch.zeros(len(sources), width, device=keep.device, dtype=ref.dtype if ref is not None else None)
+    for b, source in enumerate(sources):
+        if source is not None and keep[b] and source in pooled:
+            vec = pooled[source][b]
+            out[b, : vec.shape[-1]] = vec
+    return out
+
+
+def flow_loss(
+    model: OmniFlowTransformer,
+    x0: Mapping[str, torch.Tensor],
+    tasks: Sequence[Task],
+    *,
+    objective: FlowObjective | None = None,
+    pooled: Mapping[str, torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> LossOutput:
+    """Weighted, masked flow-matching loss for a batch with one task per sample.
+
+    Args:
+        x0: modality -> clean latents (B, ...). Text latents are `text_out_dim` wide. A modality
+            absent from every sample may be left out (it is then skipped).
+        tasks: one `Task` per sample.
+        pooled: modality -> that modality's pooled vector (B, <= pooled_projection_dim).
+
+    The loss is mean over the batch of sum over target modalities of weight * per-sample MSE;
+    image and audio heads regress the velocity noise - x0, the text head regresses x0.
+    """
+    objective = objective or FlowObjective()
+    ref = next(iter(x0.values()))
+    batch, device = ref.shape[0], ref.device
+    if len(tasks) != batch:
+        raise ValueError(f"got {len(tasks)} tasks for a batch of {batch}")
+    plan = plan_batch(tasks, objective, generator=generator, device=device)
+
+    used = [m for m in model.streams if m in x0]
+    if objective.rules.skip_absent:
+        used = [m for m in used if plan.loss_mask[m].any() or (plan.timesteps[m] < 1).any()]
+    missing = [m for m in model.streams if m not in x0 and plan.loss_mask[m].any()]
+    if missing:
+        raise ValueError(f"tasks target {missing} but the batch has no latents for them")
+
+    noise = {m: torch.randn(x0[m].shape, generator=generator, device=device, dtype=x0[m].dtype) for m in used}
+    x_t = {m: interpolate(x0[m], noise[m], plan.timesteps[m]) for m in used}
+    pooled_vec = select_pooled(pooled or {}, plan.pooled_source, plan.pooled_keep, model.config.pooled_projection_dim)
+    pred = model(x_t, {m: plan.timesteps[m] for m in used}, pooled_vec.to(ref.dtype))
+
+    per_sample = torch.zeros(batch, device=device)
+    per_modality = {}
+    for m in used:
+        target = x0[m] if PREDICTION[m] == "x0" else velocity_target(x0[m], noise[m])
+        if pred[m].shape != target.shape:
+            raise ValueError(f"{m} prediction {tuple(pred[m].shape)} does not match target {tuple(target.shape)}")
+        mse = (pred[m].float() - target.float()).pow(2).flatten(1).mean(1)
+        mask = plan.loss_mask[m]
+        per_sample = per_sample + objective.loss_weights.get(m, 1.0) * mask * mse
+        if mask.any():
+            per_modality[m.value] = ((mask * mse).sum() / mask.sum()).detach()
+
+    per_task = {}
+    for name in dict.fromkeys(t.name for t in tasks):
+        idx = torch.tensor([t.name == name for t in tasks], device=device)
+        per_task[name] = per_sample[idx].mean().detach()
+    return LossOutput(loss=per_sample.mean(), per_modality=per_modality, per_task=per_task)

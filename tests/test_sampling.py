@@ -1,0 +1,116 @@
+"""Sampler: schedules, determinism, batched guidance branches and the guidance rules."""
+
+import pytest
+import torch
+
+from omniflow.guidance import classifier_free_guidance, multimodal_guidance
+from omniflow.modality import Modality
+from omniflow.presets import PRESETS
+from omniflow.sampling import generate, guidance_branches
+
+I, T, A = Modality.IMAGE, Modality.TEXT, Modality.AUDIO
+SHAPES = PRESETS["tiny"].latent_shapes()
+
+
+def _cond(m, n=2, seed=0):
+    return torch.randn(n, *SHAPES[m], generator=torch.Generator().manual_seed(seed))
+
+
+def test_multimodal_guidance_reduces_to_cfg_with_one_condition():
+    g = torch.Generator().manual_seed(0)
+    v_c, v_u = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    for alpha in (0.0, 1.0, 3.5):
+        mm = multimodal_guidance(v_c, v_u, {"text": v_c}, {"text": alpha})
+        torch.testing.assert_close(mm, v_u + alpha * (v_c - v_u))
+        torch.testing.assert_close(mm, classifier_free_guidance(v_u, v_c, alpha))
+
+
+def test_multimodal_guidance_formula():
+    g = torch.Generator().manual_seed(0)
+    v_all, v_none, v_t, v_a = (torch.randn(3, generator=g) for _ in range(4))
+    out = multimodal_guidance(v_all, v_none, {"text": v_t, "audio": v_a}, {"text": 2.0, "audio": 0.5})
+    torch.testing.assert_close(out, v_all + 1.0 * (v_t - v_none) - 0.5 * (v_a - v_none))
+
+
+def test_guidance_branches():
+    assert [b.name for b in guidance_branches([T], 1.0)] == ["all"]
+    assert [b.name for b in guidance_branches([T], 4.0)] == ["all", "none"]
+    assert [b.name for b in guidance_branches([T], {"text": 4.0})] == ["all", "none"]
+    assert [b.name for b in guidance_branches([T, A], {"text": 4.0, "audio": 2.0})] == [
+        "all", "none", "only_text", "only_audio"
+    ]
+    assert [b.name for b in guidance_branches([T, A], {"text": 4.0})] == ["all", "none", "only_text"]
+    assert [b.name for b in guidance_branches([], 5.0)] == ["all"]
+    with pytest.raises(ValueError, match="not conditions"):
+        guidance_branches([T], {"image": 2.0})
+
+
+def test_generate_shapes_for_every_task(tiny_model):
+    for task, conds in {
+        "t2i": [T], "i2t": [I], "t2a": [T], "a2t": [A], "i2a": [I], "a2i": [A],
+        "at2i": [A, T], "it2a": [I, T], "ai2t": [A, I], "joint": [],
+    }.items():
+        from omniflow.tasks import get_task
+
+        targets = get_task(task).targets
+        out = generate(
+            tiny_model, task, conditions={m: _cond(m) for m in conds},
+            target_shapes={m: SHAPES[m] for m in targets}, batch_size=2, steps=3, guidance=2.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+        assert set(out) == set(targets), task
+        for m in targets:
+            assert out[m].shape == (2, *SHAPES[m]) and torch.isfinite(out[m]).all(), (task, m)
+
+
+def test_generate_is_deterministic_under_a_generator(tiny_model):
+    kwargs = dict(conditions={"text": _cond(T)}, target_shapes={"image": SHAPES[I]}, steps=4, guidance=3.0)
+    a = generate(tiny_model, "t2i", generator=torch.Generator().manual_seed(7), **kwargs)
+    b = generate(tiny_model, "t2i", generator=torch.Generator().manual_seed(7), **kwargs)
+    c = generate(tiny_model, "t2i", generator=torch.Generator().manual_seed(8), **kwargs)
+    assert torch.equal(a[I], b[I])
+    assert not torch.allclose(a[I], c[I])
+
+
+def test_each_step_is_one_batched_forward(tiny_model):
+    batch_sizes = []
+    handle = tiny_model.register_forward_pre_hook(lambda mod, args: batch_sizes.append(args[0]["image"].shape[0]))
+    generate(
+        tiny_model, "at2i", conditions={"text": _cond(T), "audio": _cond(A)},
+        target_shapes={"image": SHAPES[I]}, steps=3, guidance={"text": 3.0, "audio": 2.0},
+        generator=torch.Generator().manual_seed(0),
+    )
+    handle.remove()
+    assert batch_sizes == [2 * 4] * 3  # all, none, only_text, only_audio in one call per step
+
+
+def test_branches_replace_dropped_conditions_with_noise_at_t1(tiny_model):
+    seen = []
+    handle = tiny_model.register_forward_pre_hook(lambda mod, args: seen.append((args[0], args[1], args[2])))
+    text, pooled_text = _cond(T), torch.ones(2, 16)
+    generate(
+        tiny_model, "t2i", conditions={"text": text}, pooled={"text": pooled_text},
+        target_shapes={"image": SHAPES[I]}, steps=1, guidance=5.0, generator=torch.Generator().manual_seed(0),
+    )
+    handle.remove()
+    latents, times, pooled = seen[0]
+    assert torch.equal(latents[T][:2], text) and not torch.allclose(latents[T][2:], text)
+    assert times[T].tolist() == [0, 0, 1, 1]
+    assert torch.equal(pooled[:2], pooled_text) and pooled[2:].abs().sum() == 0
+    assert A not in latents, "absent modalities without a shape are skipped"
+
+
+def test_guidance_one_equals_unguided(tiny_model):
+    kwargs = dict(conditions={"text": _cond(T)}, target_shapes={"image": SHAPES[I]}, steps=3)
+    a = generate(tiny_model, "t2i", guidance=1.0, generator=torch.Generator().manual_seed(0), **kwargs)
+    b = generate(tiny_model, "t2i", guidance={"text": 1.0}, generator=torch.Generator().manual_seed(0), **kwargs)
+    torch.testing.assert_close(a[I], b[I])
+
+
+def test_generate_errors(tiny_model):
+    with pytest.raises(ValueError, match="needs conditions"):
+        generate(tiny_model, "t2i", target_shapes={"image": SHAPES[I]})
+    with pytest.raises(ValueError, match="target shapes"):
+        generate(tiny_model, "t2i", conditions={"text": _cond(T)}, target_shapes={})
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(tiny_model, "joint", target_shapes={m: SHAPES[m] for m in (I, T, A)})

@@ -1,0 +1,127 @@
+"""Tasks as data, the training rules, and the masked multi-modal loss."""
+
+import pytest
+import torch
+
+from omniflow.modality import Modality
+from omniflow.objective import FlowObjective, TrainingRules, flow_loss, plan_batch, select_pooled
+from omniflow.presets import PRESETS
+from omniflow.tasks import BUILTIN_TASKS, Role, Task, get_task
+
+I, T, A = Modality.IMAGE, Modality.TEXT, Modality.AUDIO
+
+
+def test_builtin_tasks_roles():
+    assert set(BUILTIN_TASKS) == {"t2i", "i2t", "t2a", "a2t", "i2a", "a2i", "at2i", "it2a", "ai2t", "joint"}
+    assert get_task("t2i").roles == {I: Role.TARGET, T: Role.CONDITION, A: Role.ABSENT}
+    assert get_task("at2i").conditions == (T, A)
+    assert get_task("joint").targets == (I, T, A) and get_task("joint").conditions == ()
+    assert get_task("ai2t").pooled_source == I  # text first, then image, then audio
+    assert get_task("a2i").pooled_source == A
+    assert get_task("joint").pooled_source is None
+
+
+def test_user_defined_task_and_errors():
+    task = Task.define("t2ia", targets=["image", "audio"], conditions=["text"])
+    assert task.targets == (I, A) and task.conditions == (T,) and task.absent == ()
+    with pytest.raises(ValueError, match="both target and condition"):
+        Task.define("bad", targets=["image"], conditions=["image"])
+    with pytest.raises(ValueError, match="unknown modality 'video'"):
+        Task.define("bad", targets=["video"])
+    with pytest.raises(ValueError, match="unknown task 'x2y'"):
+        get_task("x2y")
+
+
+def test_plan_without_rules_follows_roles():
+    rules = TrainingRules(noised_condition_p=0, condition_drop_p=0, pooled_drop_p=0)
+    tasks = [get_task("t2i"), get_task("a2t")]
+    plan = plan_batch(tasks, FlowObjective(rules=rules), generator=torch.Generator().manual_seed(0))
+    # t2i: image target in (0,1), text condition at 0, audio absent at 1
+    assert 0 < plan.timesteps[I][0] < 1 and plan.timesteps[T][0] == 0 and plan.timesteps[A][0] == 1
+    # a2t: image absent, text target, audio condition
+    assert plan.timesteps[I][1] == 1 and 0 < plan.timesteps[T][1] < 1 and plan.timesteps[A][1] == 0
+    assert plan.loss_mask[I].tolist() == [1, 0] and plan.loss_mask[T].tolist() == [0, 1]
+    assert plan.loss_mask[A].tolist() == [0, 0]
+    assert plan.pooled_keep.tolist() == [True, True] and plan.pooled_source == [T, A]
+
+
+def test_plan_rule_probabilities():
+    n = 20_000
+    plan = plan_batch([get_task("t2i")] * n, FlowObjective(), generator=torch.Generator().manual_seed(0))
+    t_text = plan.timesteps[T]
+    dropped = (t_text == 1).float().mean().item()
+    noised = ((t_text > 0) & (t_text < 1)).float().mean().item()
+    assert abs(dropped - 0.15) < 0.015
+    # noised with p=0.2 unless dropped afterwards
+    assert abs(noised - 0.2 * 0.85) < 0.015
+    # pooled kept unless zeroed (0.15) or its source (text) dropped (0.15), independently
+    assert abs(plan.pooled_keep.float().mean().item() - 0.85 * 0.85) < 0.015
+    assert torch.all(plan.loss_mask[T] == 0), "a condition is never in the loss"
+    assert torch.all(~plan.pooled_keep[t_text == 1]), "a dropped condition's pooled vector is zeroed"
+
+
+def test_select_pooled_pads_and_masks():
+    pooled = {T: torch.ones(3, 4), I: 2 * torch.ones(3, 2)}
+    out = select_pooled(pooled, [T, I, None], torch.tensor([True, True, True]), 6)
+    assert out[0].tolist() == [1, 1, 1, 1, 0, 0]
+    assert out[1].tolist() == [2, 2, 0, 0, 0, 0]
+    assert out[2].tolist() == [0] * 6
+    assert select_pooled(pooled, [T, I, None], torch.tensor([False, True, True]), 6)[0].abs().sum() == 0
+
+
+def _batch(n, generator):
+    shapes = PRESETS["tiny"].latent_shapes()
+    return {m: torch.randn(n, *s, generator=generator) for m, s in shapes.items()}
+
+
+def test_loss_components_match_definition(tiny_model):
+    """The total is the mean over samples of the weighted sum of per-sample target MSEs."""
+    g = torch.Generator().manual_seed(0)
+    x0 = _batch(4, g)
+    tasks = [get_task(n) for n in ("t2i", "i2t", "t2a", "joint")]
+    objective = FlowObjective(loss_weights={I: 1.0, T: 0.5, A: 2.0})
+    out = flow_loss(tiny_model, x0, tasks, objective=objective, generator=torch.Generator().manual_seed(1))
+    assert set(out.per_modality) == {"image", "text", "audio"}
+    assert set(out.per_task) == {"t2i", "i2t", "t2a", "joint"}
+    expected = (
+        out.per_task["t2i"] + out.per_task["i2t"] + out.per_task["t2a"] + out.per_task["joint"]
+    ) / 4
+    torch.testing.assert_close(out.loss.detach(), expected)
+    # t2i has one target (image, weight 1): its task loss equals its image MSE
+    g2 = torch.Generator().manual_seed(1)
+    single = flow_loss(tiny_model, {m: x[:1] for m, x in x0.items()}, tasks[:1], objective=objective, generator=g2)
+    torch.testing.assert_close(single.per_task["t2i"], single.per_modality["image"])
+    assert out.loss.requires_grad
+
+
+def test_loss_is_deterministic_and_masks_conditions(tiny_model):
+    x0 = _batch(2, torch.Generator().manual_seed(0))
+    tasks = [get_task("t2i")] * 2
+    a = flow_loss(tiny_model, x0, tasks, generator=torch.Generator().manual_seed(3))
+    b = flow_loss(tiny_model, x0, tasks, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.loss, b.loss)
+    assert set(a.per_modality) == {"image"}
+    # the text condition's gradient path exists but the loss has no text term: a text head
+    # change does not change a t2i loss
+    with torch.no_grad():
+        tiny_model.text_proj_out.weight.add_(1.0)
+    c = flow_loss(tiny_model, x0, tasks, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.loss, c.loss)
+
+
+def test_skip_absent_leaves_stream_out(tiny_model):
+    x0 = _batch(2, torch.Generator().manual_seed(0))
+    objective = FlowObjective(rules=TrainingRules(skip_absent=True))
+    seen = []
+    handle = tiny_model.register_forward_pre_hook(lambda mod, args: seen.append(set(args[0])))
+    flow_loss(tiny_model, x0, [get_task("t2i")] * 2, objective=objective)
+    handle.remove()
+    assert seen == [{I, T}]
+
+
+def test_loss_errors_name_the_problem(tiny_model):
+    x0 = _batch(2, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="3 tasks for a batch of 2"):
+        flow_loss(tiny_model, x0, [get_task("t2i")] * 3)
+    with pytest.raises(ValueError, match="no latents"):
+        flow_loss(tiny_model, {T: x0[T]}, [get_task("t2i")] * 2)
