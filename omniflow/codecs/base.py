@@ -1,0 +1,130 @@
+"""The codec interface: media <-> latents for one modality, and a registry of implementations.
+
+A codec turns a batch of media into the latents the transformer works on (normalised as it
+expects, batch-first) and back. Each implementation has a pydantic config whose `kind` names it in
+the registry and whose `path` names a local directory or a hub id; loading respects
+`HF_HUB_OFFLINE` and a missing checkpoint fails with an error that names it.
+"""
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from omniflow.modality import Modality
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class CodecConfig(BaseModel):
+    """Fields every codec config has; implementations subclass it with their own."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    path: str
+    subfolder: str | None = None
+    dtype: DType = "float32"
+    device: str = "cpu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+class Codec(ABC):
+    """Media <-> latents for one modality."""
+
+    modality: ClassVar[Modality]
+    config_class: ClassVar[type[CodecConfig]]
+
+    def __init__(self, config: CodecConfig):
+        self.config = config
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, ...]:
+        """Per-sample latent shape (no batch dim)."""
+
+    @abstractmethod
+    def encode(self, media: Any) -> torch.Tensor:
+        """A batch of media -> latents (B, *latent_shape)."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> Any:
+        """Latents (B, *latent_shape) -> a batch of media."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.config.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.torch_dtype
+
+
+# Codecs and the pooled-vector encoders (which encode only) share one registry: anything with a
+# `config_class` whose constructor takes that config.
+_REGISTRY: dict[str, type] = {}
+# Built-in kinds register when their module is imported; `build_codec` imports it on first use.
+_BUILTIN: dict[str, str] = {
+    "image-vae": "omniflow.codecs.image",
+    "audioldm2": "omniflow.codecs.audio",
+    "omniflow-text-vae": "omniflow.codecs.text_vae",
+    "clip-text-pooled": "omniflow.codecs.pooled",
+    "clip-image-pooled": "omniflow.codecs.pooled",
+    "clap-audio-pooled": "omniflow.codecs.pooled",
+}
+
+
+def register_codec(kind: str) -> Callable[[type], type]:
+    """Class decorator: make a codec buildable from a config whose `kind` is `kind`."""
+
+    def add(cls: type) -> type:
+        if kind in _REGISTRY:
+            raise ValueError(f"codec kind {kind!r} is already registered by {_REGISTRY[kind].__name__}")
+        _REGISTRY[kind] = cls
+        return cls
+
+    return add
+
+
+def codec_kinds() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_BUILTIN))
+
+
+def build_codec(config: CodecConfig | dict) -> Any:
+    """Validate a codec config (a dict from YAML, or a config object) and load the codec.
+
+    Example:
+        >>> codec = build_codec({"kind": "sd3-vae", "path": "stabilityai/stable-diffusion-3-medium-diffusers",
+        ...                      "subfolder": "vae", "resolution": 512})
+    """
+    raw = config.model_dump() if isinstance(config, BaseModel) else dict(config)
+    kind = raw.get("kind")
+    if kind not in _REGISTRY and kind in _BUILTIN:
+        importlib.import_module(_BUILTIN[kind])
+    if kind not in _REGISTRY:
+        raise ValueError(f"codec kind {kind!r} is not registered; known kinds: {codec_kinds()}")
+    cls = _REGISTRY[kind]
+    return cls(cls.config_class.model_validate(raw))
+
+
+def load_pretrained(loader: Callable[..., Any], path: str, *, subfolder: str | None = None, **kwargs) -> Any:
+    """`loader(path, subfolder=..., **kwargs)` (a `from_pretrained`) with an error naming the path.
+
+    With `HF_HUB_OFFLINE=1` a hub id resolves only from the local cache; either way a checkpoint
+    that cannot be found raises `FileNotFoundError` naming the path (and subfolder).
+    """
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as err:
+        where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+        raise FileNotFoundError(
+            f"cannot load a checkpoint from {where}: not a local model directory, and not a hub id "
+            f"available offline. Cause: {err}"
+        ) from err

@@ -1,0 +1,150 @@
+"""Pooled conditioning vectors: the one vector per sample that the timestep embedders also take.
+
+SD3 pools a prompt as CLIP-L's and CLIP-G's projected text embeddings side by side (768 + 1280 =
+2048). OmniFlow conditions on an image or an audio clip the same way, with that modality's
+embedding written into the first dimensions of an otherwise zero 2048-wide vector: CLIP vision
+image embeddings for images, an audio embedding (CLAP here) for audio.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+    ClapFeatureExtractor,
+    ClapModel,
+)
+
+from omniflow.codecs.base import CodecConfig, load_pretrained, register_codec
+from omniflow.codecs.image import as_pil
+from omniflow.codecs.media import decode_audio, resample
+from omniflow.modality import Modality
+
+
+class PooledConfig(CodecConfig):
+    pooled_dim: int = Field(2048, gt=0)
+
+
+def pad_pooled(embeds: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, D) -> (B, width): D values first, zeros after."""
+    if embeds.shape[-1] > width:
+        raise ValueError(f"embedding is {embeds.shape[-1]} wide, more than the pooled width {width}")
+    return torch.nn.functional.pad(embeds, (0, width - embeds.shape[-1]))
+
+
+class PooledEncoder(ABC):
+    """A batch of one modality's media -> pooled vectors (B, pooled_dim)."""
+
+    modality: ClassVar[Modality]
+    config_class: ClassVar[type[PooledConfig]]
+
+    def __init__(self, config: PooledConfig):
+        self.config = config
+        self.device, self.dtype = torch.device(config.device), config.torch_dtype
+
+    def _load(self, cls: Any, subfolder: str | None) -> Any:
+        model = load_pretrained(cls.from_pretrained, self.config.path, subfolder=subfolder, dtype=self.dtype)
+        return model.to(self.device).eval().requires_grad_(False)
+
+    @abstractmethod
+    def embed(self, media: Any) -> torch.Tensor:
+        """(B, pooled_dim) vectors, zero-padded past the encoder's own width."""
+
+
+class ClipTextPooledConfig(PooledConfig):
+    """`path` is an SD3 pipeline directory (or any directory with these subfolders)."""
+
+    kind: str = "clip-text-pooled"
+    encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
+    tokenizers: tuple[str, ...] = ("tokenizer", "tokenizer_2")
+    max_length: int = Field(77, gt=0)
+
+
+@register_codec("clip-text-pooled")
+class ClipTextPooled(PooledEncoder):
+    """Prompts -> SD3's pooled vector: each CLIP's projected text embedding, concatenated."""
+
+    modality = Modality.TEXT
+    config_class = ClipTextPooledConfig
+
+    def __init__(self, config: ClipTextPooledConfig):
+        super().__init__(config)
+        if len(config.encoders) != len(config.tokenizers):
+            raise ValueError("encoders and tokenizers must name the same number of subfolders")
+        self.encoders = [self._load(CLIPTextModelWithProjection, sub) for sub in config.encoders]
+        self.tokenizers = [
+            load_pretrained(AutoTokenizer.from_pretrained, config.path, subfolder=sub) for sub in config.tokenizers
+        ]
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        parts = []
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+            ids = tokenizer(
+                list(texts), padding="max_length", max_length=self.config.max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            parts.append(encoder(ids.to(self.device)).text_embeds.float())
+        return pad_pooled(torch.cat(parts, dim=-1), self.config.pooled_dim)
+
+
+class ClipImagePooledConfig(PooledConfig):
+    kind: str = "clip-image-pooled"
+
+
+@register_codec("clip-image-pooled")
+class ClipImagePooled(PooledEncoder):
+    """Images -> CLIP vision projected image embeddings, zero-padded."""
+
+    modality = Modality.IMAGE
+    config_class = ClipImagePooledConfig
+
+    def __init__(self, config: ClipImagePooledConfig):
+        super().__init__(config)
+        self.model = self._load(CLIPVisionModelWithProjection, config.subfolder)
+        self.processor = load_pretrained(CLIPImageProcessor.from_pretrained, config.path, subfolder=config.subfolder)
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images as PIL, encoded bytes or HxWx3 uint8 arrays."""
+        inputs = self.processor(images=[as_pil(image) for image in images], return_tensors="pt")
+        embeds = self.model(pixel_values=inputs.pixel_values.to(self.device, self.dtype)).image_embeds
+        return pad_pooled(embeds.float(), self.config.pooled_dim)
+
+
+class ClapAudioPooledConfig(PooledConfig):
+    kind: str = "clap-audio-pooled"
+
+
+@register_codec("clap-audio-pooled")
+class ClapAudioPooled(PooledEncoder):
+    """Audio -> CLAP audio embeddings, zero-padded. Audio is resampled to CLAP's rate (48 kHz)."""
+
+    modality = Modality.AUDIO
+    config_class = ClapAudioPooledConfig
+
+    def __init__(self, config: ClapAudioPooledConfig):
+        super().__init__(config)
+        self.model = self._load(ClapModel, config.subfolder)
+        self.features = load_pretrained(ClapFeatureExtractor.from_pretrained, config.path, subfolder=config.subfolder)
+
+    @torch.no_grad()
+    def embed(self, audio: Sequence[bytes | tuple[np.ndarray, int]]) -> torch.Tensor:
+        """Clips as WAV/FLAC bytes or (waveform, sample rate) pairs."""
+        rate = self.features.sampling_rate
+        waves = []
+        for clip in audio:
+            wave, sr = decode_audio(clip) if isinstance(clip, bytes) else clip
+            waves.append(resample(np.asarray(wave, dtype=np.float32), sr, rate))
+        inputs = self.features(waves, sampling_rate=rate, return_tensors="pt")
+        embeds = self.model.get_audio_features(input_features=inputs.input_features.to(self.device, self.dtype))
+        if not isinstance(embeds, torch.Tensor):  # newer transformers return an output object
+            embeds = embeds.pooler_output
+        return pad_pooled(embeds.float(), self.config.pooled_dim)
