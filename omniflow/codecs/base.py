@@ -72,6 +72,7 @@ _REGISTRY: dict[str, type] = {}
 _BUILTIN: dict[str, str] = {
     "image-vae": "omniflow.codecs.image",
     "audioldm2": "omniflow.codecs.audio",
+    "mel-vae": "omniflow.codecs.audio",
     "omniflow-text-vae": "omniflow.codecs.text_vae",
     "clip-text-pooled": "omniflow.codecs.pooled",
     "clip-image-pooled": "omniflow.codecs.pooled",

@@ -1,0 +1,125 @@
+"""Small `AutoencoderKL`s trained by this project: the toy image VAE and the toy mel VAE.
+
+The same diffusers class as the SD3 and AudioLDM2 VAEs, at toy sizes, so the codecs load real and
+toy checkpoints with the same code. Training is plain: L1 reconstruction plus a small KL to
+N(0, I), AdamW, batches drawn with a seeded generator. Afterwards `fit_scaling_factor` sets
+`scaling_factor` to 1 / std of the latents, as Stable Diffusion did, so the flow model sees
+latents of unit variance.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL
+
+
+def new_autoencoder_kl(
+    *,
+    channels: int,
+    latent_channels: int = 4,
+    block_out_channels: tuple[int, ...] = (32, 64, 64),
+    layers_per_block: int = 1,
+    norm_num_groups: int = 8,
+    sample_size: int = 32,
+    seed: int = 0,
+) -> AutoencoderKL:
+    """A freshly initialised `AutoencoderKL` that downsamples by 2 ** (len(block_out_channels) - 1).
+
+    The mid-block attention is off: at these sizes it costs more than it gives.
+
+    Example:
+        >>> vae = new_autoencoder_kl(channels=3)
+        >>> vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape
+        torch.Size([1, 4, 8, 8])
+    """
+    torch.manual_seed(seed)
+    blocks = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        latent_channels=latent_channels,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+        mid_block_add_attention=False,
+        scaling_factor=1.0,
+    )
+
+
+@dataclass(frozen=True)
+class AutoencoderTrainResult:
+    """Per-step losses: total, L1 reconstruction, and KL per latent element."""
+
+    loss: list[float]
+    reconstruction: list[float]
+    kl: list[float]
+
+
+def train_autoencoder_kl(
+    vae: AutoencoderKL,
+    data: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-4,
+    seed: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+) -> AutoencoderTrainResult:
+    """Train `vae` in place on (N, C, H, W) inputs in the VAE's input range.
+
+    Loss: L1(reconstruction) + kl_weight * KL, the KL averaged over latent elements so that
+    `kl_weight` does not depend on the latent size. Batches are drawn with replacement and the
+    posterior sampled from one generator seeded by `seed`, so a run is reproducible on a device.
+    `progress(step, loss)` is called after every step. The VAE is left in eval mode.
+    """
+    if data.ndim != 4 or data.shape[1] != vae.config.in_channels:
+        raise ValueError(f"data must be (N, {vae.config.in_channels}, H, W), got shape {tuple(data.shape)}")
+    if steps <= 0 or batch_size <= 0:
+        raise ValueError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
+    device = next(vae.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    data = data.to(device, torch.float32)
+    history: dict[str, list[float]] = {"loss": [], "reconstruction": [], "kl": []}
+    vae.train()
+    for step in range(steps):
+        batch = data[torch.randint(len(data), (batch_size,), generator=generator).to(device)]
+        posterior = vae.encode(batch).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        latents = posterior.mean + posterior.std * noise
+        reconstruction = (vae.decode(latents).sample - batch).abs().mean()
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = reconstruction + kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in (("loss", loss), ("reconstruction", reconstruction), ("kl", kl)):
+            history[name].append(value.item())
+        if progress is not None:
+            progress(step, history["loss"][-1])
+    vae.eval()
+    return AutoencoderTrainResult(**history)
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, data: torch.Tensor, *, batch_size: int = 64) -> float:
+    """Standard deviation of the unscaled posterior means over `data` (N, C, H, W)."""
+    param = next(vae.parameters())
+    means = [vae.encode(chunk.to(param.device, param.dtype)).latent_dist.mean.float() for chunk in data.split(batch_size)]
+    return float(torch.cat(means).std())
+
+
+def fit_scaling_factor(vae: AutoencoderKL, data: torch.Tensor, *, batch_size: int = 64) -> float:
+    """Set `vae.config.scaling_factor` to 1 / std of its latents on `data` and return it.
+
+    Saved with `vae.save_pretrained`; the codecs multiply latents by it. Posterior means rather
+    than samples are measured, so the result is deterministic.
+    """
+    factor = 1.0 / latent_std(vae, data, batch_size=batch_size)
+    vae.register_to_config(scaling_factor=factor)
+    return factor
