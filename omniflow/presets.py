@@ -2,7 +2,8 @@
 
 A preset is a whole model config plus the latent shapes it is sized for:
 - `tiny`: tests; well under a second per forward on a CPU.
-- `toy`: the ShapesWorld demo, trained from scratch on a laptop.
+- `toy`: the ShapesWorld demo, trained from scratch on a laptop, on the toy codecs' latents
+  (image 4x8x8, text 8x32, audio 4x32x16).
 - `sd3-medium`: the paper's size (SD3 medium's MMDiT plus an audio stream on AudioLDM2 latents).
 """
 
@@ -52,10 +53,10 @@ PRESETS: dict[str, Preset] = {
             description="ShapesWorld demo on a laptop",
             text_tokens=8,
             config=dict(
-                sample_size=16, patch_size=2, in_channels=4, num_layers=6, num_attention_heads=4,
+                sample_size=8, patch_size=2, in_channels=4, num_layers=6, num_attention_heads=4,
                 attention_head_dim=32, joint_attention_dim=32, text_out_dim=32, pooled_projection_dim=64,
-                pos_embed_max_size=32, audio_in_channels=4, audio_sample_size=(32, 8), audio_patch_size=2,
-                audio_pos_embed_max_size=32, qk_norm="layer_norm",
+                pos_embed_max_size=16, audio_in_channels=4, audio_sample_size=(32, 16), audio_patch_size=4,
+                audio_pos_embed_max_size=16, qk_norm="layer_norm",
             ),
         ),
         Preset(

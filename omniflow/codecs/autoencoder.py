@@ -1,7 +1,7 @@
 """Small `AutoencoderKL`s trained by this project: the toy image VAE and the toy mel VAE.
 
 The same diffusers class as the SD3 and AudioLDM2 VAEs, at toy sizes, so the codecs load real and
-toy checkpoints with the same code. Training is plain: L1 reconstruction plus a small KL to
+toy checkpoints with the same code. Training is plain: L1 or MSE reconstruction plus a small KL to
 N(0, I), AdamW, batches drawn with a seeded generator. Afterwards `fit_scaling_factor` sets
 `scaling_factor` to 1 / std of the latents, as Stable Diffusion did, so the flow model sees
 latents of unit variance.
@@ -9,9 +9,12 @@ latents of unit variance.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL
+
+from omniflow.lr import warmup_cosine
 
 
 def new_autoencoder_kl(
@@ -52,7 +55,7 @@ def new_autoencoder_kl(
 
 @dataclass(frozen=True)
 class AutoencoderTrainResult:
-    """Per-step losses: total, L1 reconstruction, and KL per latent element."""
+    """Per-step losses: total, reconstruction, and KL per latent element."""
 
     loss: list[float]
     reconstruction: list[float]
@@ -67,13 +70,17 @@ def train_autoencoder_kl(
     batch_size: int = 16,
     lr: float = 1e-3,
     kl_weight: float = 1e-4,
+    reconstruction_loss: Literal["l1", "mse"] = "l1",
+    warmup_steps: int = 50,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
 ) -> AutoencoderTrainResult:
     """Train `vae` in place on (N, C, H, W) inputs in the VAE's input range.
 
-    Loss: L1(reconstruction) + kl_weight * KL, the KL averaged over latent elements so that
-    `kl_weight` does not depend on the latent size. Batches are drawn with replacement and the
+    Loss: reconstruction (L1 or MSE) + kl_weight * KL, the KL averaged over latent elements so
+    that `kl_weight` does not depend on the latent size. The learning rate warms up linearly,
+    then decays on a cosine to a tenth. MSE learns flat colours much faster than L1, whose
+    gradient treats a small colour error like a large one. Batches are drawn with replacement and the
     posterior sampled from one generator seeded by `seed`, so a run is reproducible on a device.
     `progress(step, loss)` is called after every step. The VAE is left in eval mode.
     """
@@ -84,6 +91,9 @@ def train_autoencoder_kl(
     device = next(vae.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total=steps, warmup=min(warmup_steps, steps))
+    )
     data = data.to(device, torch.float32)
     history: dict[str, list[float]] = {"loss": [], "reconstruction": [], "kl": []}
     vae.train()
@@ -92,12 +102,14 @@ def train_autoencoder_kl(
         posterior = vae.encode(batch).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
         latents = posterior.mean + posterior.std * noise
-        reconstruction = (vae.decode(latents).sample - batch).abs().mean()
+        error = vae.decode(latents).sample - batch
+        reconstruction = error.abs().mean() if reconstruction_loss == "l1" else error.pow(2).mean()
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = reconstruction + kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         for name, value in (("loss", loss), ("reconstruction", reconstruction), ("kl", kl)):
             history[name].append(value.item())
         if progress is not None:

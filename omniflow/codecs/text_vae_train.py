@@ -21,7 +21,6 @@ Example:
     1.0
 """
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from transformers import (
 )
 
 from omniflow.codecs.text_vae import DecoderTargets, TextVAE, TextVAEConfig, check_texts
+from omniflow.lr import warmup_cosine
 
 PAD, EOS, BOS, UNK = "<pad>", "</s>", "<s>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, BOS, UNK)  # ids 0..3: pad 0 and EOS 1 as in T5
@@ -173,14 +173,6 @@ class TrainHistory:
     seconds: float = 0.0
 
 
-def _lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-
 def train_text_vae(
     model: TextVAE,
     texts: Sequence[str],
@@ -218,7 +210,7 @@ def train_text_vae(
     targets = model.tokenize_decoder(texts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, steps, warmup=max(1, steps // 20))
+        optimizer, lambda s: warmup_cosine(s, total=steps, warmup=max(1, steps // 20))
     )
     history, window, start = TrainHistory(), [], time.perf_counter()
     model.train()

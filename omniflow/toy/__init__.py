@@ -1,0 +1,1 @@
+"""The embedded default: ShapesWorld with tiny models that this project trains itself."""
