@@ -1,0 +1,1 @@
+"""Job entrypoints: `python -m jobs.NAME --config FILE.yaml [key=value ...]`."""
