@@ -24,6 +24,12 @@ RAW_SAMPLE = pa.schema(
     ]
 )
 
+# As read, with the reject columns, so that a read failure travels with the rows into decoding.
+READ_SAMPLE = pa.schema(
+    list(RAW_SAMPLE)
+    + [pa.field("reject_stage", pa.string()), pa.field("reject_reason", pa.string())]
+)
+
 # A decoded and scored sample (one row per input sample, kept or not).
 SCORED_SAMPLE = pa.schema(
     list(RAW_SAMPLE)

@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+pytest_plugins = ["s3_server"]
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
