@@ -26,8 +26,9 @@ class AtomicParquetSink(Datasink):
         self.directory, self.schema, self.storage = directory, schema, storage
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> list[str]:
-        tables = [conform(pa.table(b) if not isinstance(b, pa.Table) else b, self.schema) for b in blocks]
-        tables = [t for t in tables if t.num_rows]
+        tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
+        # Ray hands on empty blocks, sometimes without columns: they carry nothing to write.
+        tables = [conform(t, self.schema) for t in tables if t.num_rows]
         if not tables:
             return []
         path = st.join(self.directory, f"part-{uuid.uuid4().hex}{PART_SUFFIX}")

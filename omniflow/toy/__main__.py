@@ -1,12 +1,17 @@
 """Command line for the toy domain.
 
     python -m omniflow.toy build-codecs --out runs/toy/codecs [--config toy_codecs.yaml] [--force]
+    python -m omniflow.toy build-clip --out runs/toy/clip [--config toy_clip.yaml] [--force]
 
 `build-codecs` trains the toy image, audio and text codecs on ShapesWorld (a few minutes on two CPU
 cores), prints each modality's round-trip accuracy (the share of samples whose concept the
 ShapesWorld checkers read back from decode(encode(x))) and caches them in OUT: a rerun with the
 same config reuses them, a changed config rebuilds. The YAML config overrides any field of
 `omniflow.toy.codecs.ToyCodecsConfig`, e.g. `image: {steps: 1000}`.
+
+`build-clip` trains a tiny open_clip CLIP and a LAION-layout aesthetic head on ShapesWorld (under a
+minute), prints how well they separate matched from mismatched pairs and clean from blank or noise
+images, and caches them the same way; `jobs.curate` scores with them like with real checkpoints.
 """
 
 import argparse
@@ -18,6 +23,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
+from omniflow.toy.clip import add_build_clip_arguments, run_build_clip
 from omniflow.toy.codecs import ToyCodecsConfig, build_toy_codecs
 
 
@@ -31,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--config", type=Path, help="YAML file with ToyCodecsConfig fields")
     build.add_argument("--force", action="store_true", help="rebuild even if OUT holds this config's codecs")
     build.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    build_clip = commands.add_parser(
+        "build-clip", help="train and cache the toy CLIP and aesthetic head, print held-out separation"
+    )
+    add_build_clip_arguments(build_clip)
     args = parser.parse_args(argv)
+    if args.command == "build-clip":
+        return run_build_clip(args)
 
     if args.threads:
         torch.set_num_threads(args.threads)

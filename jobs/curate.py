@@ -1,0 +1,308 @@
+"""Curate image / audio / text datasets on Ray Data: decode, score, filter, weight.
+
+    python -m jobs.curate --config configs/curate_shapesworld.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.curate --config FILE.yaml output=s3://bucket/run
+
+One pipeline over every configured source: read shards (Parquet, WebDataset tars, folders,
+ShapesWorld; local or s3://) -> decode on CPU (bad input becomes a rejects row with its reason) ->
+CLIP image-text and aesthetic scores, CLAP audio-text scores (actor pools) -> scored parts, each
+committed whole. Then, from the scores: per-source filters, exact-duplicate removal, per-source
+sampling weights, curated Parquet shards, rejects Parquet, a PNG per score and `manifest.json`,
+written last as the commit marker. A rerun skips every sample already scored, so a killed job
+resumes without losing or duplicating rows.
+
+Output layout under `output`:
+    scored/part-*.parquet      every input sample with its scores (the resumable stage)
+    curated/<run>/part-*.parquet  kept samples with scores and `source_weight`
+    rejects/<run>.parquet      every sample not kept, with status, stage and reason
+    plots/<score>.png          score distributions with thresholds
+    manifest.json              config and hash, inputs, counts, quantiles, thresholds, weights, timings
+"""
+
+import sys
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jobs.common import ConfigError, Progress, config_hash, dumps, init_ray, job_parser, load_config, package_versions
+from pipelines import storage as st
+from pipelines.decode import Decode, DecodeConfig
+from pipelines.filters import SCORES, FilterConfig, decide
+from pipelines.plots import score_histogram
+from pipelines.schema import CURATED_SAMPLE, DROPPED_SAMPLE, KEPT, SCHEMA_VERSION, SCORED_SAMPLE, conform
+from pipelines.scorers import ClapPreprocess, ClapScorer, ClapScoringConfig, ClipPreprocess, ClipScorer, ClipScoringConfig
+from pipelines.sources import SourceConfig, list_shards, read_sources
+from pipelines.weighting import WeightingConfig, source_weights
+from pipelines.writer import AtomicParquetSink, committed_keys, committed_parts, read_parts
+
+SMALL_COLUMNS = [
+    "key", "source", "sample_id", "caption", "image_width", "image_height", "audio_seconds", "content_hash",
+    *SCORES, "reject_stage", "reject_reason",
+]
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+class SourceSpec(BaseModel):
+    """A source to read, plus its prior weight and its filters."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: SourceConfig
+    prior: float = Field(1.0, gt=0)
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, data):
+        """Accept the reader's fields at the top level: {name, type, path, ..., prior, filters}."""
+        if isinstance(data, dict) and "source" not in data:
+            data = dict(data)
+            rest = {k: data.pop(k) for k in ("prior", "filters") if k in data}
+            return {"source": data, **rest}
+        return data
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (ignored when joining one)")
+
+
+class CurateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    output: str
+    storage: st.StorageConfig = Field(default_factory=st.StorageConfig)
+    sources: list[SourceSpec] = Field(min_length=1)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    clip: ClipScoringConfig | None = None
+    clap: ClapScoringConfig | None = None
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "CurateConfig":
+        names = [s.source.name for s in self.sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"source names must be unique; repeated: {duplicates}")
+        return self
+
+
+def score_stage(config: CurateConfig, progress: Progress) -> None:
+    """Decode and score every sample not yet in `scored/`, committing whole parts."""
+    storage, scored_dir = config.storage, st.join(config.output, "scored")
+    done = committed_keys(scored_dir, storage)
+    if done:
+        progress.log(f"resuming: {len(done)} samples already scored")
+    readers = [s.source for s in config.sources]
+    ds = read_sources(readers, storage, skip_keys=done)
+    ds = ds.map_batches(Decode, **Decode.map_batches_kwargs(config.decode))
+    if config.clip is not None:
+        ds = ds.map_batches(ClipPreprocess, **ClipPreprocess.map_batches_kwargs(config.clip))
+        ds = ds.map_batches(ClipScorer, **ClipScorer.map_batches_kwargs(config.clip))
+    if config.clap is not None:
+        ds = ds.map_batches(ClapPreprocess, **ClapPreprocess.map_batches_kwargs(config.clap))
+        ds = ds.map_batches(ClapScorer, **ClapScorer.map_batches_kwargs(config.clap))
+    ds.write_datasink(AtomicParquetSink(scored_dir, SCORED_SAMPLE, storage))
+
+
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return {}
+    return {f"q{int(q * 100):02d}": round(float(np.quantile(values, q)), 6) for q in QUANTILES}
+
+
+def _scores(table: pa.Table, score: str) -> np.ndarray:
+    return pc.fill_null(table.column(score).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
+
+
+class _KeepKept:
+    """Ray Data stage: read one scored part, keep the kept rows, attach their source's weight."""
+
+    def __init__(self, kept: set[str], weights: dict[str, float], storage: st.StorageConfig):
+        self.kept, self.weights, self.storage = kept, weights, storage
+
+    def __call__(self, batch: dict) -> pa.Table:
+        tables = []
+        for path in batch["path"]:
+            part = read_parts([str(path)], self.storage)
+            mask = pa.array([k in self.kept for k in part.column("key").to_pylist()])
+            part = part.filter(mask)
+            weight = pa.array([self.weights[s] for s in part.column("source").to_pylist()], pa.float32())
+            tables.append(conform(part.append_column("source_weight", weight), CURATED_SAMPLE))
+        return pa.concat_tables(tables) if tables else CURATED_SAMPLE.empty_table()
+
+
+def finalize(config: CurateConfig, progress: Progress) -> dict:
+    """Filter, weight and write curated shards, rejects, plots; return the manifest's body."""
+    import ray
+
+    storage = config.storage
+    parts = committed_parts(st.join(config.output, "scored"), storage)
+    small = read_parts(parts, storage, columns=SMALL_COLUMNS)
+    if small is None:
+        small = SCORED_SAMPLE.empty_table().select(SMALL_COLUMNS)
+    # A write task retried after it had committed would repeat its rows: keep one per key. The
+    # table comes out sorted by key, the order `decide` returns its decisions in.
+    _, first = np.unique(small.column("key").to_numpy(zero_copy_only=False).astype(str), return_index=True)
+    duplicates = small.num_rows - len(first)
+    small = small.take(pa.array(first, pa.int64()))
+
+    filters = {s.source.name: s.filters for s in config.sources}
+    decisions = decide(small, filters)
+    table = decisions.table
+    status = table.column("status").to_numpy(zero_copy_only=False)
+    sources = table.column("source").to_numpy(zero_copy_only=False)
+    kept_mask = status == KEPT
+
+    counts, quantiles, mean_kept = {}, {}, {}
+    for spec in config.sources:
+        name = spec.source.name
+        mine = sources == name
+        stages = table.filter(pa.array(mine & ~kept_mask)).group_by(["status", "stage"]).aggregate([("key", "count")])
+        counts[name] = {
+            "input": int(mine.sum()),
+            "kept": int((mine & kept_mask).sum()),
+            "filtered": int((mine & (status == "filtered")).sum()),
+            "rejected": int((mine & (status == "rejected")).sum()),
+            "by_stage": {f"{r['status']}/{r['stage']}": r["key_count"] for r in stages.to_pylist()},
+        }
+        quantiles[name], mean_kept[name] = {}, {}
+        for score in SCORES:
+            values = _scores(small, score)
+            q = _quantiles(values[mine])
+            if q:
+                quantiles[name][score] = q
+                kept_values = values[mine & kept_mask]
+                kept_values = kept_values[np.isfinite(kept_values)]
+                if kept_values.size:
+                    mean_kept[name][score] = float(kept_values.mean())
+    weights = source_weights(
+        {n: c["kept"] for n, c in counts.items()}, mean_kept, {s.source.name: s.prior for s in config.sources},
+        config.weighting,
+    )
+
+    run_id = uuid.uuid4().hex[:12]
+    curated_dir = st.join(config.output, "curated", run_id)
+    progress.phase("writing curated shards")
+    kept_keys = set(table.filter(pa.array(kept_mask)).column("key").to_pylist())
+    if parts:
+        ray.data.from_items([{"path": p} for p in parts]).map_batches(
+            _KeepKept, fn_constructor_kwargs={"kept": kept_keys, "weights": weights, "storage": storage},
+            batch_size=1, concurrency=1, batch_format="numpy",
+        ).write_datasink(AtomicParquetSink(curated_dir, CURATED_SAMPLE, storage))
+    dropped = table.filter(pa.array(~kept_mask)).append_column(
+        "schema_version", pa.array([SCHEMA_VERSION] * int((~kept_mask).sum()), pa.int16())
+    )
+    rejects_path = st.join(config.output, "rejects", f"{run_id}.parquet")
+    st.write_parquet_atomic(conform(dropped, DROPPED_SAMPLE), rejects_path, storage)
+
+    plots = {}
+    for score in SCORES:
+        values = _scores(small, score)
+        by_source = {n: values[sources == n] for n in counts if np.isfinite(values[sources == n]).any()}
+        if by_source:
+            path = st.join(config.output, "plots", f"{score}.png")
+            st.write_bytes_atomic(path, score_histogram(by_source, decisions.thresholds, score), storage)
+            plots[score] = path
+    return {
+        "run_id": run_id,
+        "counts": counts,
+        "duplicate_scored_rows_dropped": int(duplicates),
+        "score_quantiles": quantiles,
+        "thresholds": decisions.thresholds,
+        "source_weights": weights,
+        "outputs": {
+            "curated": committed_parts(curated_dir, storage),
+            "rejects": rejects_path,
+            "plots": plots,
+        },
+        "_decisions": table,
+    }
+
+
+def shapesworld_semantics(config: CurateConfig, decisions: pa.Table) -> dict:
+    """For ShapesWorld sources: share of planted mismatched captions removed, of clean pairs kept."""
+    from omniflow.shapesworld import make_records
+
+    out = {}
+    for spec in config.sources:
+        src = spec.source
+        if getattr(src, "type", None) != "shapesworld":
+            continue
+        truth = {r["id"]: r["defect"] for r in make_records(src.samples, seed=src.seed, defect_rate=src.defect_rate)}
+        kept_by_id = {}
+        for row in decisions.filter(pc.equal(decisions.column("source"), src.name)).to_pylist():
+            kept_by_id[row["sample_id"]] = row["status"] == KEPT
+        clean = [kept_by_id[i] for i, d in truth.items() if d is None and i in kept_by_id]
+        mismatched = [not kept_by_id[i] for i, d in truth.items() if d == "mismatched_caption" and i in kept_by_id]
+        defects = [not kept_by_id[i] for i, d in truth.items() if d is not None and i in kept_by_id]
+        out[src.name] = {
+            "clean_kept": round(float(np.mean(clean)), 4) if clean else None,
+            "mismatched_removed": round(float(np.mean(mismatched)), 4) if mismatched else None,
+            "defects_removed": round(float(np.mean(defects)), 4) if defects else None,
+            "clean": len(clean),
+            "mismatched": len(mismatched),
+        }
+    return out
+
+
+def run(config: CurateConfig) -> dict:
+    """Run the whole curation and return the manifest (also written to `output/manifest.json`)."""
+    progress = Progress("curate")
+    init_ray(config.ray.num_cpus)
+    storage = config.storage
+    inputs = {s.source.name: list_shards(s.source, storage) for s in config.sources}
+    progress.log(f"{sum(map(len, inputs.values()))} input shards from {len(inputs)} sources")
+    progress.phase("decoding and scoring")
+    score_stage(config, progress)
+    progress.phase("filtering and weighting")
+    body = finalize(config, progress)
+    decisions = body.pop("_decisions")
+    semantics = shapesworld_semantics(config, decisions)
+    manifest = {
+        "job": "curate",
+        "schema_version": SCHEMA_VERSION,
+        "config": config.model_dump(mode="json"),
+        "config_hash": config_hash(config),
+        "inputs": inputs,
+        **body,
+        "semantics": semantics,
+        "timings": progress.done(),
+        "versions": package_versions(),
+    }
+    st.write_bytes_atomic(st.join(config.output, "manifest.json"), dumps(manifest), storage)
+    for name, c in manifest["counts"].items():
+        progress.log(f"{name}: {c['input']} in = {c['kept']} kept + {c['filtered']} filtered + {c['rejected']} rejected, "
+                     f"weight {manifest['source_weights'][name]:.3f}")
+    if semantics:
+        progress.log(f"ShapesWorld semantics: {semantics}")
+    _remove_stale_runs(config, body["run_id"])
+    return manifest
+
+
+def _remove_stale_runs(config: CurateConfig, run_id: str) -> None:
+    """After the manifest names this run, outputs of earlier runs are no longer referenced."""
+    storage = config.storage
+    for kind, suffix in (("curated", ""), ("rejects", ".parquet")):
+        root = st.join(config.output, kind)
+        for path in st.list_files(st.join(root, "*"), storage):
+            if not path.rstrip("/").endswith(run_id + suffix):
+                st.remove(path, storage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_parser("python -m jobs.curate", __doc__).parse_args(argv)
+    try:
+        config = load_config(CurateConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
