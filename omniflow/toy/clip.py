@@ -18,7 +18,6 @@ images, and writes `clip.json`; a rerun with the same config reuses the director
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +51,7 @@ from omniflow.shapesworld import (
     sample_concepts,
     sample_scenes,
 )
+from omniflow.toy.cache import cached_manifest, commit, new_staging
 
 MANIFEST = "clip.json"
 MODEL_NAME = "shapesworld-clip"  # the stem of the model config file, as open_clip registers it
@@ -295,16 +295,10 @@ def build_toy_clip(
     """
     config = config or ToyClipConfig()
     out = Path(out)
-    manifest_path = out / MANIFEST
-    if manifest_path.exists() and not force:
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config_hash") == config.digest():
-            log(f"toy CLIP in {out} is up to date (config {config.digest()})")
-            return manifest
-        log(f"toy CLIP config changed: rebuilding {out}")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    cached = cached_manifest(out, MANIFEST, config.digest(), force=force, what="toy CLIP", log=log)
+    if cached is not None:
+        return cached
+    staging = new_staging(out)
 
     start = time.perf_counter()
     arch = config.architecture
@@ -360,10 +354,7 @@ def build_toy_clip(
         "aesthetic_eval": aesthetic_eval,
         "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)},
     }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return manifest
+    return commit(staging, out, MANIFEST, manifest)
 
 
 def main_build_clip(argv: list[str] | None = None) -> int:

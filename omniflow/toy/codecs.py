@@ -10,7 +10,6 @@ the directory, a changed config rebuilds it.
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from omniflow.shapesworld import (
     sample_concepts,
     sample_scenes,
 )
+from omniflow.toy.cache import cached_manifest, commit, new_staging
 
 MANIFEST = "codecs.json"
 
@@ -213,16 +213,10 @@ def build_toy_codecs(
     """
     config = config or ToyCodecsConfig()
     out = Path(out)
-    manifest_path = out / MANIFEST
-    if manifest_path.exists() and not force:
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config_hash") == config.digest():
-            log(f"toy codecs in {out} are up to date (config {config.digest()})")
-            return manifest
-        log(f"toy codec config changed: rebuilding {out}")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    cached = cached_manifest(out, MANIFEST, config.digest(), force=force, what="toy codecs", log=log)
+    if cached is not None:
+        return cached
+    staging = new_staging(out)
 
     start = time.perf_counter()
     train = shapes_data(config.train_samples, seed=config.seed, image_size=config.image.size, mel=config.audio.mel)
@@ -248,7 +242,4 @@ def build_toy_codecs(
         "round_trip": accuracy,
         "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)},
     }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
-    return manifest
+    return commit(staging, out, MANIFEST, manifest)
