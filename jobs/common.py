@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 PACKAGES = ("omniflow-ray", "ray", "torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "pyarrow")
@@ -20,6 +20,13 @@ PACKAGES = ("omniflow-ray", "ray", "torch", "torchvision", "diffusers", "transfo
 
 class ConfigError(ValueError):
     """A config that does not validate; the message names each bad field and value."""
+
+
+class RayConfig(BaseModel):
+    """The local cluster a job starts when it does not join one (RAY_ADDRESS unset)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (ignored when joining one)")
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
@@ -91,11 +98,12 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one.
 
     A local cluster gets its own short temp dir (Ray's socket paths are length-limited, and a
-    shared one keeps a stale cluster file after `ray stop`) and no dashboard.
+    shared one keeps a stale cluster file after `ray stop`) and no dashboard. `log_to_driver`
+    shows the workers' output here (training prints its progress from rank 0).
     """
     import ray
 
@@ -107,7 +115,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(log_to_driver=True)
         return
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=log_to_driver)
 
 
 class Progress:

@@ -27,7 +27,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs.common import ConfigError, Progress, config_hash, dumps, init_ray, job_parser, load_config, package_versions
+from jobs.common import (
+    ConfigError,
+    Progress,
+    RayConfig,
+    config_hash,
+    dumps,
+    init_ray,
+    job_parser,
+    load_config,
+    package_versions,
+)
 from pipelines import storage as st
 from pipelines.decode import Decode, DecodeConfig
 from pipelines.filters import SCORES, FilterConfig, decide
@@ -62,11 +72,6 @@ class SourceSpec(BaseModel):
             rest = {k: data.pop(k) for k in ("prior", "filters") if k in data}
             return {"source": data, **rest}
         return data
-
-
-class RayConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (ignored when joining one)")
 
 
 class CurateConfig(BaseModel):
@@ -141,9 +146,11 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
 
     storage = config.storage
     parts = committed_parts(st.join(config.output, "scored"), storage)
-    small = read_parts(parts, storage, columns=SMALL_COLUMNS)
+    # Embeddings are the one wide column: read them only when a near-duplicate rule needs them.
+    columns = SMALL_COLUMNS + (["image_embedding"] if any(s.filters.near_duplicate_cosine for s in config.sources) else [])
+    small = read_parts(parts, storage, columns=columns)
     if small is None:
-        small = SCORED_SAMPLE.empty_table().select(SMALL_COLUMNS)
+        small = SCORED_SAMPLE.empty_table().select(columns)
     # A write task retried after it had committed would repeat its rows: keep one per key. The
     # table comes out sorted by key, the order `decide` returns its decisions in.
     _, first = np.unique(small.column("key").to_numpy(zero_copy_only=False).astype(str), return_index=True)

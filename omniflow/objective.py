@@ -15,6 +15,7 @@ from omniflow.flow import TimestepScheme, interpolate, sample_timesteps, shift_t
 from omniflow.modality import MODALITIES, Modality
 from omniflow.tasks import Role, Task
 from omniflow.transformer import PREDICTION, OmniFlowTransformer
+from omniflow.wrappers import unwrap
 
 
 class TimestepSampling(BaseModel):
@@ -75,10 +76,17 @@ def plan_batch(
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    fixed_time: float | None = None,
 ) -> BatchPlan:
-    """Draw flow times and masks for a batch with one task per sample."""
+    """Draw flow times and masks for a batch with one task per sample.
+
+    With `fixed_time` every target sits at that time and conditions are clean, kept and pooled:
+    no randomness but the noise, which is what a comparable validation loss needs.
+    """
     batch = len(tasks)
     rules, sampling = objective.rules, objective.timesteps
+    if fixed_time is not None:
+        rules = TrainingRules(noised_condition_p=0, condition_drop_p=0, pooled_drop_p=0, skip_absent=rules.skip_absent)
     uniform = lambda: torch.rand(batch, generator=generator, device=device)  # noqa: E731
     dropped: dict[Modality, torch.Tensor] = {}
     timesteps, loss_mask = {}, {}
@@ -96,6 +104,8 @@ def plan_batch(
             device=device,
         )
         drawn = shift_timesteps(drawn, sampling.shift.get(m, 1.0))
+        if fixed_time is not None:
+            drawn = torch.full_like(drawn, fixed_time)
         noised = is_condition & (uniform() < rules.noised_condition_p)
         dropped[m] = is_condition & (uniform() < rules.condition_drop_p)
         t = torch.ones(batch, device=device)
@@ -133,6 +143,7 @@ def flow_loss(
     objective: FlowObjective | None = None,
     pooled: Mapping[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    fixed_time: float | None = None,
 ) -> LossOutput:
     """Weighted, masked flow-matching loss for a batch with one task per sample.
 
@@ -141,6 +152,8 @@ def flow_loss(
             absent from every sample may be left out (it is then skipped).
         tasks: one `Task` per sample.
         pooled: modality -> that modality's pooled vector (B, <= pooled_projection_dim).
+        fixed_time: put every target at this flow time, with no condition noising or dropout
+            (for validation at fixed, evenly spaced times).
 
     The loss is mean over the batch of sum over target modalities of weight * per-sample MSE;
     image and audio heads regress the velocity noise - x0, the text head regresses x0.
@@ -150,18 +163,19 @@ def flow_loss(
     batch, device = ref.shape[0], ref.device
     if len(tasks) != batch:
         raise ValueError(f"got {len(tasks)} tasks for a batch of {batch}")
-    plan = plan_batch(tasks, objective, generator=generator, device=device)
+    plan = plan_batch(tasks, objective, generator=generator, device=device, fixed_time=fixed_time)
 
-    used = [m for m in model.streams if m in x0]
+    bare = unwrap(model)  # attributes live on the model; the call goes through DDP / FSDP wrappers
+    used = [m for m in bare.streams if m in x0]
     if objective.rules.skip_absent:
         used = [m for m in used if plan.loss_mask[m].any() or (plan.timesteps[m] < 1).any()]
-    missing = [m for m in model.streams if m not in x0 and plan.loss_mask[m].any()]
+    missing = [m for m in bare.streams if m not in x0 and plan.loss_mask[m].any()]
     if missing:
         raise ValueError(f"tasks target {missing} but the batch has no latents for them")
 
     noise = {m: torch.randn(x0[m].shape, generator=generator, device=device, dtype=x0[m].dtype) for m in used}
     x_t = {m: interpolate(x0[m], noise[m], plan.timesteps[m]) for m in used}
-    pooled_vec = select_pooled(pooled or {}, plan.pooled_source, plan.pooled_keep, model.config.pooled_projection_dim)
+    pooled_vec = select_pooled(pooled or {}, plan.pooled_source, plan.pooled_keep, bare.config.pooled_projection_dim)
     pred = model(x_t, {m: plan.timesteps[m] for m in used}, pooled_vec.to(ref.dtype))
 
     per_sample = torch.zeros(batch, device=device)

@@ -3,8 +3,9 @@
 `decide` gives every sample a status (kept, filtered, rejected) and, for those not kept, the
 stage and reason. Rules run in a fixed order per source, each on the samples the previous rules
 kept: rejected input first, then minimum resolution and duration, caption length, absolute score
-thresholds, DataComp-style top-k% per score, and last exact duplicates by content hash (the first
-key in sorted order survives). Top-k% thresholds are quantiles over the samples still alive at that
+thresholds, DataComp-style top-k% per score, exact duplicates by content hash (the first key in
+sorted order survives), and last, when configured, near duplicates by CLIP image embedding (the
+sample with the best CLIP score survives; see `pipelines.near_duplicates`). Top-k% thresholds are quantiles over the samples still alive at that
 point, so they are reported with the decisions.
 """
 
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipelines.near_duplicates import near_duplicate_mask
 from pipelines.schema import FILTERED, KEPT, REJECTED
 
 SCORES = ("clip_score", "aesthetic_score", "clap_score")
@@ -39,6 +41,10 @@ class FilterConfig(BaseModel):
     aesthetic_top_percent: float | None = Field(None, gt=0, le=100)
     clap_top_percent: float | None = Field(None, gt=0, le=100)
     dedupe_exact: bool = True
+    near_duplicate_cosine: float | None = Field(
+        None, gt=0, le=1, description="drop images whose CLIP embedding is this close to a better one's"
+    )
+    near_duplicate_cluster_size: int = Field(50_000, ge=2, description="greedy dedupe runs within clusters this big")
 
 
 @dataclass
@@ -51,6 +57,23 @@ class Decisions:
 
 def _null_or(values: pa.ChunkedArray, fill: float) -> np.ndarray:
     return pc.fill_null(values.cast(pa.float64()), fill).to_numpy(zero_copy_only=False)
+
+
+def _near_duplicates(scored: pa.Table, alive: np.ndarray, rules: FilterConfig) -> tuple[np.ndarray, str]:
+    """Which of the `alive` rows with an image embedding duplicate a better-scored one."""
+    if "image_embedding" not in scored.column_names:
+        raise ValueError("near_duplicate_cosine needs image embeddings: configure CLIP scoring")
+    embedded = alive & scored.column("image_embedding").is_valid().to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(embedded)
+    near = np.zeros(len(alive), bool)
+    if len(rows):
+        vectors = scored.column("image_embedding").take(pa.array(rows)).combine_chunks()
+        x_ND = vectors.flatten().to_numpy(zero_copy_only=False).reshape(len(rows), -1)
+        quality = _null_or(scored.column("clip_score").take(pa.array(rows)), np.nan)
+        near[rows] = near_duplicate_mask(
+            x_ND, quality, threshold=rules.near_duplicate_cosine, cluster_size=rules.near_duplicate_cluster_size
+        )
+    return near, f"image embedding within cosine {rules.near_duplicate_cosine} of a better-scored sample"
 
 
 def decide(scored: pa.Table, filters: dict[str, FilterConfig]) -> Decisions:
@@ -120,6 +143,9 @@ def decide(scored: pa.Table, filters: dict[str, FilterConfig]) -> Decisions:
                     duplicate[i] = hashes[i] in seen
                     seen.add(hashes[i])
             drop(duplicate, "duplicate", "exact duplicate of an earlier sample")
+        if rules.near_duplicate_cosine is not None:
+            near, why = _near_duplicates(scored, mine & (status == KEPT), rules)
+            drop(near, "near_duplicate", why)
 
     table = pa.table(
         {

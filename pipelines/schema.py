@@ -4,6 +4,8 @@ Tensors are fixed-shape columns (Arrow's `fixed_shape_tensor` extension), never 
 pyarrow reader can open the files. Every layout carries `schema_version`.
 """
 
+import json
+
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -41,6 +43,9 @@ SCORED_SAMPLE = pa.schema(
         pa.field("clip_score", pa.float32()),  # image-text cosine similarity
         pa.field("aesthetic_score", pa.float32()),
         pa.field("clap_score", pa.float32()),  # audio-text cosine similarity
+        # The CLIP image embedding (unit vector, its length is the CLIP model's width), kept for
+        # near-duplicate removal; curated shards leave it out.
+        pa.field("image_embedding", pa.list_(pa.float16())),
         pa.field("reject_stage", pa.string()),  # null when the sample decoded and scored
         pa.field("reject_reason", pa.string()),
         pa.field("schema_version", pa.int16(), nullable=False),
@@ -49,8 +54,32 @@ SCORED_SAMPLE = pa.schema(
 
 # The curated output: scored samples that passed every filter, with the source's weight.
 CURATED_SAMPLE = pa.schema(
-    [f for f in SCORED_SAMPLE if f.name not in ("reject_stage", "reject_reason")]
+    [f for f in SCORED_SAMPLE if f.name not in ("image_embedding", "reject_stage", "reject_reason")]
     + [pa.field("source_weight", pa.float32(), nullable=False)]
+)
+
+# Where a generated modality came from: enough to regenerate it exactly.
+PROVENANCE = pa.struct(
+    [
+        pa.field("generator", pa.string()),  # e.g. "diffusers:StableDiffusion3Pipeline", "shapesworld-renderer"
+        pa.field("checkpoint", pa.string()),  # model id or path; the renderer's version for ShapesWorld
+        pa.field("seed", pa.int64()),
+        pa.field("parameters", pa.string()),  # JSON of the generation parameters (steps, guidance, size...)
+    ]
+)
+
+# A curated sample with every modality filled: generated ones carry `<modality>_synthetic` = true
+# and their provenance (null for a modality the source supplied).
+TRIPLET_SAMPLE = pa.schema(
+    list(CURATED_SAMPLE)
+    + [
+        pa.field("image_synthetic", pa.bool_(), nullable=False),
+        pa.field("caption_synthetic", pa.bool_(), nullable=False),
+        pa.field("audio_synthetic", pa.bool_(), nullable=False),
+        pa.field("image_provenance", PROVENANCE),
+        pa.field("caption_provenance", PROVENANCE),
+        pa.field("audio_provenance", PROVENANCE),
+    ]
 )
 
 # Samples that did not make it: rejected (bad input) or filtered (a rule said no), with why.
@@ -88,3 +117,70 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             raise ValueError(f"column {field.name!r} is required by the schema but missing")
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+# ---- Latents (jobs/encode) -------------------------------------------------------------------
+# One row per encoded sample. A modality's tensor column exists when a codec for it is configured
+# and is null in rows without that modality; `has_<modality>` is the presence mask. Tensors are
+# stored as `LATENT_STORAGE[dtype]`: bfloat16 has no Arrow type, so its raw 16-bit patterns are
+# kept as uint16 (`pipelines.latents` views them back as torch.bfloat16 without converting).
+LATENT_MODALITIES = ("image", "text", "audio")  # omniflow.modality.Modality values
+LATENT_STORAGE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
+LATENT_DTYPE_KEY, LATENT_SHAPES_KEY, CODEC_HASH_KEY = (
+    b"omniflow.latent_dtype", b"omniflow.latent_shapes", b"omniflow.codec_config_hash"
+)
+
+
+def latent_column(modality: str) -> str:
+    """`image` -> `image_latent`: the column holding a modality's codec latents."""
+    return f"{modality}_latent"
+
+
+def pooled_column(modality: str) -> str:
+    """`text` -> `pooled_text`: the column holding a modality's pooled conditioning vector."""
+    return f"pooled_{modality}"
+
+
+def latent_sample_schema(
+    *,
+    latent_shapes: dict[str, tuple[int, ...]],
+    pooled_dims: dict[str, int],
+    dtype: str,
+    codec_hash: str | None = None,
+) -> pa.Schema:
+    """The latent shard layout for the given per-modality latent shapes and pooled widths.
+
+    Metadata holds the storage dtype, every tensor column's shape (JSON) and the codec configs'
+    hash, so a reader can check what it got without the job's manifest.
+
+        >>> schema = latent_sample_schema(latent_shapes={"image": (4, 8, 8)}, pooled_dims={}, dtype="bfloat16")
+        >>> schema.field("image_latent").type.value_type, schema.field("image_latent").type.shape
+        (DataType(uint16), [4, 8, 8])
+    """
+    if dtype not in LATENT_STORAGE:
+        raise ValueError(f"dtype must be one of {sorted(LATENT_STORAGE)}, got {dtype!r}")
+    unknown = sorted(set(latent_shapes) - set(LATENT_MODALITIES)) + sorted(set(pooled_dims) - set(LATENT_MODALITIES))
+    if unknown:
+        raise ValueError(f"unknown modalities {unknown}; expected names from {LATENT_MODALITIES}")
+    value_type = LATENT_STORAGE[dtype]
+    shapes = {latent_column(m): tuple(latent_shapes[m]) for m in LATENT_MODALITIES if m in latent_shapes}
+    shapes |= {pooled_column(m): (int(pooled_dims[m]),) for m in LATENT_MODALITIES if m in pooled_dims}
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("caption", pa.string()),  # the raw caption the text latent was made from
+        *[pa.field(f"has_{m}", pa.bool_(), nullable=False) for m in LATENT_MODALITIES],
+        *[tensor_field(name, shape, value_type) for name, shape in shapes.items()],
+        pa.field("source_weight", pa.float32(), nullable=False),
+        pa.field("image_synthetic", pa.bool_(), nullable=False),
+        pa.field("caption_synthetic", pa.bool_(), nullable=False),
+        pa.field("audio_synthetic", pa.bool_(), nullable=False),
+        pa.field("schema_version", pa.int16(), nullable=False),
+    ]
+    metadata = {
+        LATENT_DTYPE_KEY: dtype.encode(),
+        LATENT_SHAPES_KEY: json.dumps({name: list(shape) for name, shape in shapes.items()}).encode(),
+        CODEC_HASH_KEY: (codec_hash or "").encode(),
+    }
+    return pa.schema(fields, metadata=metadata)

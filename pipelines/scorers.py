@@ -15,25 +15,26 @@ row lacks the media or the caption.
 """
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import ray.data
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from omniflow.codecs.media import MediaError, decode_audio, decode_image
 from omniflow.scoring.aesthetic import AestheticConfig, load_aesthetic_head
 from omniflow.scoring.clap import AudioFeatures, ClapConfig, audio_features, load_clap, load_feature_extractor
 from omniflow.scoring.clip import ClipConfig, clip_transform, load_clip, preprocess_config
+from pipelines.resources import StageResources, resolve_device  # noqa: F401 - re-exported for callers
 from pipelines.schema import SCORED_SAMPLE, tensor_field
 
 logger = logging.getLogger(__name__)
 
 IMAGE, CAPTION, AUDIO = (SCORED_SAMPLE.field(n) for n in ("image", "caption", "audio"))
-CLIP_SCORE, AESTHETIC_SCORE, CLAP_SCORE = (
-    SCORED_SAMPLE.field(n) for n in ("clip_score", "aesthetic_score", "clap_score")
+CLIP_SCORE, AESTHETIC_SCORE, CLAP_SCORE, IMAGE_EMBEDDING = (
+    SCORED_SAMPLE.field(n) for n in ("clip_score", "aesthetic_score", "clap_score", "image_embedding")
 )
 REJECT_STAGE, REJECT_REASON = SCORED_SAMPLE.field("reject_stage"), SCORED_SAMPLE.field("reject_reason")
 SCORE_STAGE = "score"  # the reject_stage of media that fail to decode here
@@ -41,53 +42,6 @@ SCORE_STAGE = "score"  # the reject_stage of media that fail to decode here
 CLIP_PIXELS = "clip_pixels"  # (3, S, S) float32, zeros where the row has no image
 CLAP_FEATURES = "clap_features"  # (channels, frames, mel bins) float32
 CLAP_IS_LONGER = "clap_is_longer"
-
-
-class StageResources(BaseModel):
-    """How one stage runs: rows per batch, actors, and what each actor reserves.
-
-    `concurrency` is a fixed actor count or a (min, max) autoscaling range. `device` "auto" uses
-    CUDA when the actor sees a GPU (Ray shows an actor only the GPUs it reserved with `num_gpus`).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    batch_size: int = Field(64, gt=0)
-    concurrency: int | tuple[int, int] = 1
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @model_validator(mode="after")
-    def _check(self) -> "StageResources":
-        sizes = self.concurrency if isinstance(self.concurrency, tuple) else (self.concurrency,)
-        if min(sizes) < 1 or sizes != tuple(sorted(sizes)):
-            raise ValueError(f"concurrency must be a positive count or a (min, max) range, got {self.concurrency}")
-        if self.device == "cpu" and self.num_gpus > 0:
-            raise ValueError(f"num_gpus={self.num_gpus} reserves GPUs that device='cpu' would not use")
-        if self.device == "cuda" and self.num_gpus == 0:
-            raise ValueError("device='cuda' needs num_gpus > 0: Ray hides GPUs from actors that reserve none")
-        return self
-
-    def map_batches_kwargs(self, constructor_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """`Dataset.map_batches` keyword arguments for a callable-class stage with these resources."""
-        sizes = self.concurrency if isinstance(self.concurrency, tuple) else (self.concurrency,) * 2
-        return {
-            "fn_constructor_kwargs": constructor_kwargs,
-            "compute": ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1]),
-            "num_cpus": self.num_cpus,
-            "num_gpus": self.num_gpus,
-            "batch_size": self.batch_size,
-            "batch_format": "pyarrow",
-            "udf_modifying_row_count": False,
-        }
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but this actor sees no CUDA device")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class ClipScoringConfig(BaseModel):
@@ -139,6 +93,17 @@ def _scores(n: int, rows: np.ndarray, values: torch.Tensor, field: pa.Field) -> 
     return pa.array(out, field.type, mask=mask)
 
 
+def _vectors(n: int, rows: np.ndarray, values_RD: torch.Tensor, field: pa.Field) -> pa.Array:
+    """A list column of `n` rows: the vectors of `values_RD` at `rows` (in order), null elsewhere."""
+    lengths = np.zeros(n, np.int32)
+    lengths[rows] = values_RD.shape[1] if len(rows) else 0
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    values = pa.array(values_RD.cpu().numpy().astype(np.float16).reshape(-1))
+    mask = np.ones(n, bool)
+    mask[rows] = False
+    return pa.ListArray.from_arrays(offsets, values, type=field.type, mask=pa.array(mask))
+
+
 def _tensor_column(name: str, array: np.ndarray) -> pa.Array:
     """(N, *shape) float32 -> a fixed-shape tensor column (also for N = 0, unlike `from_numpy_ndarray`)."""
     row_size = int(np.prod(array.shape[1:]))
@@ -183,7 +148,8 @@ class ClipPreprocess:
 
 
 class ClipScorer:
-    """Actor stage: `clip_score` (image-caption cosine) and `aesthetic_score` from `clip_pixels`.
+    """Actor stage: `clip_score` (image-caption cosine), `aesthetic_score` and `image_embedding`
+    from `clip_pixels`.
 
     The model loads once per actor. `aesthetic_score` is null when no aesthetic head is configured;
     `clip_pixels` is dropped from the output.
@@ -213,6 +179,7 @@ class ClipScorer:
         with_pair = np.array([i for i in with_image if captions[i] is not None], dtype=np.int64)
 
         clip_scores = aesthetic_scores = torch.zeros(0)
+        image_embeds = torch.zeros(0, 0)
         if len(with_image):
             pixels = torch.from_numpy(_tensor_rows(batch, CLIP_PIXELS)[with_image])
             image_embeds = self.clip.embed_images(pixels)
@@ -223,6 +190,7 @@ class ClipScorer:
                 clip_scores = self.clip.similarity(paired, self.clip.embed_texts([captions[i] for i in with_pair]))
         out = batch.drop_columns([CLIP_PIXELS])
         out = _set_column(out, CLIP_SCORE, _scores(n, with_pair, clip_scores, CLIP_SCORE))
+        out = _set_column(out, IMAGE_EMBEDDING, _vectors(n, with_image, image_embeds, IMAGE_EMBEDDING))
         aesthetic_rows = with_image if self.aesthetic is not None else np.zeros(0, np.int64)
         return _set_column(out, AESTHETIC_SCORE, _scores(n, aesthetic_rows, aesthetic_scores, AESTHETIC_SCORE))
 

@@ -108,13 +108,20 @@ class FolderSource(_FileSource):
 
 class ShapesWorldSource(_SourceBase):
     """Built-in ShapesWorld triplets with planted defects: exactly the rows of
-    `make_records(samples, seed=seed, defect_rate=defect_rate)`, `samples_per_shard` per shard."""
+    `make_records(samples, seed=seed, defect_rate=defect_rate)`, `samples_per_shard` per shard.
+
+    `modalities` keeps only some of each triplet, to stand in for pair datasets: ["image",
+    "caption"] is an image-text set like LAION, ["audio", "caption"] an audio-text set like
+    AudioSet, ["image", "audio"] a video-derived image-audio set like SoundNet."""
 
     type: Literal["shapesworld"] = "shapesworld"
     samples: int = Field(1000, ge=1)
     seed: int = Field(0, ge=0)
     defect_rate: float = Field(0.0, ge=0.0, le=1.0)
     samples_per_shard: int = Field(250, ge=1)
+    modalities: list[Literal["image", "caption", "audio"]] = Field(
+        default_factory=lambda: ["image", "caption", "audio"], min_length=1
+    )
 
 
 SourceConfig = Annotated[
@@ -328,9 +335,7 @@ def _read_shapesworld(
             shard,
             index,
             record["id"],
-            image=record["image"],
-            caption=record["caption"],
-            audio=record["audio"],
+            **{m: record[m] for m in source.modalities},
         )
 
 

@@ -274,3 +274,28 @@ def remove(path: str, storage: StorageConfig) -> None:
     fs = filesystem(path, storage)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def download_dir(path: str, local: str | os.PathLike, storage: StorageConfig) -> str:
+    """Copy every file under directory `path` (local or s3://) into `local`, keeping relative paths."""
+    files = list_files(path, storage)
+    if not files:
+        raise FileNotFoundError(f"no files under {path}")
+    root = glob_root(path, storage)
+    for remote in files:
+        target = os.path.join(local, relative_to(remote, root))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(read_bytes(remote, storage))
+    return str(local)
+
+
+def upload_dir(local: str | os.PathLike, path: str, storage: StorageConfig, *, last: Sequence[str] = ()) -> None:
+    """Copy every file under `local` to directory `path`, each write atomic; the files named in
+    `last` (such as a manifest) go after all others, so their presence marks a complete copy."""
+    names = sorted(
+        os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs
+    )
+    for name in sorted(names, key=lambda n: n in last):
+        with open(os.path.join(local, name), "rb") as f:
+            write_bytes_atomic(join(path, *name.split(os.sep)), f.read(), storage)

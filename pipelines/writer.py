@@ -20,10 +20,19 @@ PART_SUFFIX = ".parquet"
 
 
 class AtomicParquetSink(Datasink):
-    """A Ray Data sink writing `directory/part-<uuid>.parquet` per write task, conformed to `schema`."""
+    """A Ray Data sink writing `directory/part-<uuid>.parquet` per write task, conformed to `schema`.
 
-    def __init__(self, directory: str, schema: pa.Schema, storage: st.StorageConfig):
+    With `rows_per_part`, Ray gathers at least that many rows per write task and the task splits
+    them evenly into parts of about `rows_per_part` rows, each committed whole.
+    """
+
+    def __init__(self, directory: str, schema: pa.Schema, storage: st.StorageConfig, *, rows_per_part: int | None = None):
         self.directory, self.schema, self.storage = directory, schema, storage
+        self.rows_per_part = rows_per_part
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.rows_per_part
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> list[str]:
         tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
@@ -31,9 +40,15 @@ class AtomicParquetSink(Datasink):
         tables = [conform(t, self.schema) for t in tables if t.num_rows]
         if not tables:
             return []
-        path = st.join(self.directory, f"part-{uuid.uuid4().hex}{PART_SUFFIX}")
-        st.write_parquet_atomic(pa.concat_tables(tables), path, self.storage)
-        return [path]
+        table = pa.concat_tables(tables)
+        parts = max(1, round(table.num_rows / self.rows_per_part)) if self.rows_per_part else 1
+        bounds = [round(i * table.num_rows / parts) for i in range(parts + 1)]
+        paths = []
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            path = st.join(self.directory, f"part-{uuid.uuid4().hex}{PART_SUFFIX}")
+            st.write_parquet_atomic(table.slice(lo, hi - lo), path, self.storage)
+            paths.append(path)
+        return paths
 
 
 def committed_parts(directory: str, storage: st.StorageConfig) -> list[str]:

@@ -23,16 +23,6 @@ def _config(output: str, **extra) -> dict:
     return {"output": output, "sources": [SOURCE], "ray": {"num_cpus": 2}, **extra}
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """One local cluster for the module, started by the first job. Its workers take their S3
-    credentials from the environment, so the S3 server's (fake) credentials must exist first."""
-    import ray
-
-    yield
-    ray.shutdown()
-
-
 def _check_manifest(manifest: dict) -> None:
     counts = manifest["counts"]["shapes"]
     assert counts["input"] == 120
@@ -116,19 +106,31 @@ def test_bad_config_names_the_field(tmp_path, capsys):
     assert "sources" in capsys.readouterr().err
 
 
-def test_shapesworld_semantics_with_the_toy_clip(tmp_path, ray_cluster):
-    """Planted mismatches are removed and clean pairs kept, scored by the toy CLIP through the job."""
-    import yaml
-
+@pytest.fixture(scope="module")
+def toy_clip_dir(tmp_path_factory):
     from omniflow.toy.clip import build_toy_clip
 
-    build_toy_clip(tmp_path / "clip")
+    out = tmp_path_factory.mktemp("toy") / "clip"
+    build_toy_clip(out)
+    return out
+
+
+def _toy_clip_config(clip_dir: Path) -> dict:
+    import yaml
+
     config = yaml.safe_load(Path("configs/curate_shapesworld.yaml").read_text())
-    config["output"] = str(tmp_path / "out")
-    config["sources"][0].update(samples=400, samples_per_shard=100)
     for key in ("config_file", "pretrained"):
-        config["clip"]["clip"][key] = config["clip"]["clip"][key].replace("runs/toy/clip", str(tmp_path / "clip"))
-    config["clip"]["aesthetic"]["weights"] = config["clip"]["aesthetic"]["weights"].replace("runs/toy/clip", str(tmp_path / "clip"))
+        config["clip"]["clip"][key] = config["clip"]["clip"][key].replace("runs/toy/clip", str(clip_dir))
+    config["clip"]["aesthetic"]["weights"] = config["clip"]["aesthetic"]["weights"].replace("runs/toy/clip", str(clip_dir))
+    return config
+
+
+def test_shapesworld_semantics_with_the_toy_clip(tmp_path, ray_cluster, toy_clip_dir):
+    """Planted mismatches are removed and clean pairs kept, scored by the toy CLIP through the job."""
+    config = _toy_clip_config(toy_clip_dir)
+    config["output"] = str(tmp_path / "out")
+    config["sources"] = config["sources"][:1]  # the image-text source, where captions can mismatch
+    config["sources"][0].update(name="shapes", samples=400, samples_per_shard=100)
     manifest = run(CurateConfig.model_validate(config))
     semantics = manifest["semantics"]["shapes"]
     print(semantics, manifest["counts"])
@@ -137,3 +139,33 @@ def test_shapesworld_semantics_with_the_toy_clip(tmp_path, ray_cluster):
     assert "min_clip_score" in manifest["thresholds"]["shapes"]
     counts = manifest["counts"]["shapes"]
     assert counts["input"] == 400 == counts["kept"] + counts["filtered"] + counts["rejected"]
+
+
+def test_near_duplicates_by_embedding_are_removed(tmp_path, ray_cluster, toy_clip_dir):
+    """Re-encoded copies (other bytes, same pixels) escape the content hash; the embedding rule
+    removes exactly one of each pair."""
+    import io
+
+    import pyarrow as pa
+    from PIL import Image
+
+    from omniflow.shapesworld import make_records
+
+    records = make_records(30, seed=5)
+    rows = [{"id": r["id"], "image": r["image"], "caption": r["caption"]} for r in records]
+    for r in records[:10]:
+        webp = io.BytesIO()
+        Image.open(io.BytesIO(r["image"])).save(webp, "WEBP", lossless=True)
+        rows.append({"id": r["id"] + "-copy", "image": webp.getvalue(), "caption": r["caption"]})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+
+    config = _toy_clip_config(toy_clip_dir)
+    config["output"] = str(tmp_path / "out")
+    config["sources"] = [{"name": "pairs", "type": "parquet", "path": str(tmp_path / "pairs.parquet"),
+                          "id_column": "id", "filters": {"near_duplicate_cosine": 0.9995}}]
+    manifest = run(CurateConfig.model_validate(config))
+    counts = manifest["counts"]["pairs"]
+    assert counts["by_stage"] == {"filtered/near_duplicate": 10} and counts["kept"] == 30
+    rejects = pq.read_table(manifest["outputs"]["rejects"]).to_pylist()
+    dropped = {r["sample_id"].removesuffix("-copy") for r in rejects}
+    assert dropped == {r["id"] for r in records[:10]}  # one of each pair, whichever CLIP scored lower

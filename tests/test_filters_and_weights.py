@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines.filters import FilterConfig, decide
+from pipelines.near_duplicates import near_duplicate_mask
 from pipelines.plots import score_histogram
 from pipelines.schema import SCORED_SAMPLE, conform
 from pipelines.weighting import WeightingConfig, source_quality, source_weights
@@ -102,3 +103,52 @@ def test_weights_follow_the_documented_rule():
 def test_histogram_is_a_png():
     png = score_histogram({"a": np.random.default_rng(0).random(100)}, {"a": {"min_clip_score": 0.5}}, "clip_score")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _planted_duplicates(n_groups, copies, dim=32, noise=0.05, seed=0):
+    """`n_groups` random directions, each repeated `copies` times with small noise."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.normal(size=(n_groups, dim)))
+    x = np.repeat(centres, copies, axis=0) + noise * rng.normal(size=(n_groups * copies, dim)) / np.sqrt(dim)
+    return _unit(x), np.repeat(np.arange(n_groups), copies)
+
+
+def test_near_duplicates_keep_the_best_of_each_group():
+    x, group = _planted_duplicates(20, 3)
+    quality = np.random.default_rng(1).uniform(size=len(x))
+    duplicate = near_duplicate_mask(x, quality, threshold=0.95)
+    for g in range(20):
+        members = np.flatnonzero(group == g)
+        survivors = members[~duplicate[members]]
+        assert survivors.tolist() == [members[np.argmax(quality[members])]]
+
+
+def test_near_duplicates_in_clusters_match_the_exact_rule():
+    x, group = _planted_duplicates(60, 4, seed=2)
+    exact = near_duplicate_mask(x, threshold=0.95)
+    clustered = near_duplicate_mask(x, threshold=0.95, cluster_size=40)
+    assert exact.sum() == 60 * 3
+    assert (clustered == exact).mean() >= 0.98
+
+
+def test_near_duplicate_filter_in_decide():
+    x, _ = _planted_duplicates(2, 2, dim=8)
+    rows = _rows(5, clip_score=[0.3, 0.4, 0.5, 0.2, 0.9])
+    for row, vector in zip(rows, [*x, None]):
+        row["image_embedding"] = None if vector is None else vector.astype(np.float16).tolist()
+    d = decide(_table(rows), {"a": FilterConfig(near_duplicate_cosine=0.95)})
+    status = _status(d)
+    # groups (0, 1) and (2, 3): the better CLIP score survives; a row without an embedding is kept
+    assert [status[f"a/s/{i:03d}"] for i in range(5)] == ["filtered", "kept", "kept", "filtered", "kept"]
+    stages = dict(zip(d.table.column("key").to_pylist(), d.table.column("stage").to_pylist()))
+    assert stages["a/s/000"] == "near_duplicate"
+
+
+def test_near_duplicate_filter_needs_embeddings():
+    table = _table(_rows(2)).drop_columns(["image_embedding"])
+    with pytest.raises(ValueError, match="image embeddings"):
+        decide(table, {"a": FilterConfig(near_duplicate_cosine=0.9)})

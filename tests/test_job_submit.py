@@ -22,7 +22,17 @@ def _port() -> int:
 
 @pytest.fixture
 def head_node():
-    """A one-node Ray cluster started with the CLI, with the Jobs API on loopback."""
+    """A one-node Ray cluster started with the CLI, with the Jobs API on loopback.
+
+    `ray stop` ends every Ray process on the machine, and a driver whose cluster is stopped under
+    it exits: the session's in-process cluster is shut down first and started again afterwards.
+    """
+    import ray
+
+    from jobs.common import init_ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
     temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
     dashboard = _port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
@@ -36,6 +46,8 @@ def head_node():
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        if was_running:
+            init_ray(2)
 
 
 def test_ray_job_submit_runs_a_curation(head_node, tmp_path):

@@ -221,6 +221,9 @@ def test_clip_stages_score_live_rows_and_reject_bad_images(tiny_clip, tmp_path):
     np.testing.assert_allclose([clip_scores[0], clip_scores[4]], expected_clip, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose([aesthetic_scores[i] for i in (0, 1, 4)], expected_aesthetic, rtol=1e-5, atol=1e-5)
     assert out.schema.field("clip_score").type == pa.float32()
+    vectors = out.column("image_embedding").to_pylist()
+    assert [v is None for v in vectors] == [False, False, True, True, False, True]
+    np.testing.assert_allclose([vectors[i] for i in (0, 1, 4)], embeds.numpy(), atol=2e-3)  # stored as float16
 
 
 def test_clip_scorer_without_aesthetic_head_gives_null_aesthetic(tiny_clip):

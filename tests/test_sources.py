@@ -5,7 +5,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import uuid
 
 import pyarrow as pa
@@ -387,26 +386,6 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 # ---------------------------------------------------------------- Ray Data
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """One small local cluster for the module, started after the S3 fixture so that its workers
-    inherit the S3 credentials from the environment."""
-    import shutil
-
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():  # a cluster left by another module: its workers lack the credentials
-        ray.shutdown()
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths are limited
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def collect(ds) -> pa.Table:

@@ -60,6 +60,14 @@ def test_plan_rule_probabilities():
     assert torch.all(~plan.pooled_keep[t_text == 1]), "a dropped condition's pooled vector is zeroed"
 
 
+def test_fixed_time_plan_for_validation():
+    plan = plan_batch([get_task("t2i"), get_task("it2a")] * 50, FlowObjective(), fixed_time=0.3,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.all(plan.timesteps[I][0::2] == 0.3) and torch.all(plan.timesteps[A][1::2] == 0.3)
+    assert torch.all(plan.timesteps[T] == 0) and torch.all(plan.timesteps[I][1::2] == 0)  # conditions clean
+    assert torch.all(plan.pooled_keep)
+
+
 def test_select_pooled_pads_and_masks():
     pooled = {T: torch.ones(3, 4), I: 2 * torch.ones(3, 2)}
     out = select_pooled(pooled, [T, I, None], torch.tensor([True, True, True]), 6)

@@ -90,7 +90,7 @@ def test_cli_builds_and_prints_separation(tmp_path, capsys, one_thread):
     assert main_build_clip(["--out", out, "--config", str(tmp_path / "bad.yaml")]) == 2
 
 
-def test_ray_data_scores_equal_the_in_process_forward(toy_clip, tmp_path_factory, monkeypatch):
+def test_ray_data_scores_equal_the_in_process_forward(toy_clip, ray_cluster):
     """ShapesWorld rows (with a rejected row, a null caption and an undecodable image) through
     ClipPreprocess -> ClipScorer actors on a local Ray cluster give the bare forward's scores."""
     import ray
@@ -108,13 +108,7 @@ def test_ray_data_scores_equal_the_in_process_forward(toy_clip, tmp_path_factory
         clip=clip_config, aesthetic=aesthetic_config,
         preprocess={"batch_size": 5, "num_cpus": 0.5}, scorer={"batch_size": 4, "num_cpus": 0.5},
     )
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    try:
-        scored = add_clip_scoring(ray.data.from_items(rows), config).take_all()
-    finally:
-        ray.shutdown()
+    scored = add_clip_scoring(ray.data.from_items(rows), config).take_all()
     scored = sorted(scored, key=lambda r: int(r["key"]))
 
     clip, head = load_clip(clip_config), load_aesthetic_head(aesthetic_config)

@@ -10,13 +10,6 @@ from omniflow.toy.codecs import ToyCodecsConfig, build_toy_codecs, load_toy_code
 TINY = {"train_samples": 40, "eval_samples": 6, "image": {"steps": 3}, "audio": {"steps": 3}, "text": {"steps": 3}}
 
 
-@pytest.fixture(scope="session")
-def toy_codecs(tmp_path_factory):
-    """The default toy codecs, built once per test session (about three minutes on 2 CPU cores)."""
-    out = tmp_path_factory.mktemp("toy") / "codecs"
-    return out, build_toy_codecs(out)
-
-
 def test_round_trip_accuracy_meets_the_bar(toy_codecs):
     _, manifest = toy_codecs
     print(json.dumps(manifest["round_trip"]), manifest["seconds"])

@@ -1,0 +1,273 @@
+"""Pre-encode curated or synthesized rows into latent Parquet shards on Ray Data.
+
+    python -m jobs.encode --config configs/encode_shapesworld.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.encode --config FILE.yaml output=s3://bucket/latents
+
+`input` is the output directory of a curate or synthesize job (its `manifest.json` lists the
+parts). One pipeline: read the parts -> decode media into the codecs' inputs on CPU actors ->
+encode every present modality with the configured codecs on encoder actors (GPUs when given) ->
+latent parts and rejects parts, each committed whole -> `manifest.json`, written last. A rerun
+skips every row already in a latents or rejects part, so a killed job resumes without losing or
+repeating a row.
+
+Output layout under `output`:
+    latents/part-*.parquet   one row per encoded sample (`pipelines.schema.latent_sample_schema`)
+    rejects/part-*.parquet   rows that failed to decode or encode, with stage and reason
+    manifest.json            config and hash, input, counts, latent shapes and dtype, codecs, timings
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+
+from jobs.common import (
+    ConfigError,
+    Progress,
+    RayConfig,
+    config_hash,
+    dumps,
+    init_ray,
+    job_parser,
+    load_config,
+    package_versions,
+)
+from pipelines import storage as st
+from pipelines.encode import EncodingConfig, LatentEncoder, LatentPreprocess, LatentSink, read_encode_inputs
+from pipelines.latents import LatentLayout, latent_layout
+from pipelines.schema import LATENT_MODALITIES, LATENT_STORAGE, SCHEMA_VERSION
+from pipelines.writer import committed_parts, read_parts
+
+INPUT_JOBS = {"curate": "curated", "synthesize": "triplets"}  # input job -> its outputs entry
+
+
+def toy_codec_configs(root: str) -> dict[str, dict[str, Any]]:
+    """The codec configs in `root/codecs.json`, paths resolved as `load_toy_codecs` resolves them."""
+    from omniflow.toy.codecs import MANIFEST, _resolve
+
+    path = Path(root).resolve()
+    if not (path / MANIFEST).is_file():
+        raise ValueError(
+            f"toy_codecs: {root} has no {MANIFEST}; build it with `python -m omniflow.toy build-codecs --out {root}`"
+        )
+    return {m: _resolve(c, path) for m, c in json.loads((path / MANIFEST).read_text())["codecs"].items()}
+
+
+class EncodeConfig(EncodingConfig):
+    """The encoding settings (`pipelines.encode.EncodingConfig`) plus input, output and the run."""
+
+    input: str = Field(description="output directory of a curate or synthesize job (local or s3://)")
+    output: str
+    storage: st.StorageConfig = Field(default_factory=st.StorageConfig)
+    toy_codecs: str | None = Field(None, description="a `build-codecs` directory whose codecs.json sets `codecs`")
+    rows_per_shard: int = Field(1024, gt=0, description="rows per latent part (about; see AtomicParquetSink)")
+    io_num_cpus: float = Field(0.5, gt=0, description="CPUs per read or write task")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _toy_codecs(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("toy_codecs"):
+            resolved = toy_codec_configs(data["toy_codecs"])
+            # a dumped config (a manifest's) holds both, the same: that one validates again
+            if data.get("codecs") and data["codecs"] != resolved:
+                raise ValueError("set either codecs or toy_codecs, not both")
+            data = {**data, "codecs": resolved}
+        return data
+
+    def encoding(self) -> EncodingConfig:
+        return EncodingConfig.model_validate(self.model_dump(include=set(EncodingConfig.model_fields)))
+
+
+def input_parts(config: EncodeConfig) -> tuple[str, dict]:
+    """(input manifest path, its job and part paths)."""
+    path = st.join(config.input, "manifest.json")
+    if not st.exists(path, config.storage):
+        raise ValueError(f"input {config.input!r} has no manifest.json: point input at a curate or synthesize output")
+    manifest = json.loads(st.read_bytes(path, config.storage))
+    job = manifest.get("job")
+    if job not in INPUT_JOBS:
+        raise ValueError(f"{path} is from job {job!r}; encode reads the output of {sorted(INPUT_JOBS)}")
+    parts = manifest.get("outputs", {}).get(INPUT_JOBS[job])
+    if not isinstance(parts, list):
+        raise ValueError(f"{path} has no outputs.{INPUT_JOBS[job]} list of parts")
+    return path, {"job": job, "parts": parts}
+
+
+def _check_resumable(config: EncodeConfig, encoding: EncodingConfig, input_keys: set[str]) -> set[str]:
+    """Keys already written by an earlier run into `output`; refuses output of other settings."""
+    storage, done = config.storage, set()
+    for kind in ("latents", "rejects"):
+        for path in committed_parts(st.join(config.output, kind), storage):
+            with st.open_input(path, storage) as f:
+                part = pq.read_table(f, columns=["key"])
+            if kind == "latents":
+                found = latent_layout(part.schema)
+                if (found.dtype, found.codec_hash) != (encoding.dtype, encoding.codec_hash()):
+                    raise ValueError(
+                        f"{config.output} holds {found.dtype} latents of codecs {found.codec_hash}, this config makes "
+                        f"{encoding.dtype} latents of codecs {encoding.codec_hash()}: use a new output or delete it"
+                    )
+            done.update(part.column("key").to_pylist())
+    stray = done - input_keys
+    if stray:
+        raise ValueError(
+            f"{config.output} holds {len(stray)} rows whose keys are not in input {config.input} "
+            f"(e.g. {sorted(stray)[:3]}): use a new output directory or delete it"
+        )
+    return done
+
+
+def output_layout(parts: list[str], encoding: EncodingConfig, storage: st.StorageConfig) -> LatentLayout:
+    """The layout the latent parts were written with (no shapes when there are none)."""
+    if not parts:
+        return LatentLayout(encoding.dtype, {}, encoding.codec_hash())
+    with st.open_input(parts[0], storage) as f:
+        return latent_layout(pq.read_schema(f))
+
+
+def drop_duplicate_rows(output: str, storage: st.StorageConfig) -> int:
+    """Rewrite parts so that every key is in one part only (latents first, then rejects).
+
+    A Ray write task retried after it had committed, or a key that the input holds twice, leaves
+    a row twice; this removes the later copies, each part rewritten atomically. Returns the
+    number of rows dropped.
+    """
+    seen, dropped = set(), 0
+    for kind in ("latents", "rejects"):
+        for path in committed_parts(st.join(output, kind), storage):
+            keys = read_parts([path], storage, columns=["key"]).column("key").to_pylist()
+            repeated = np.zeros(len(keys), bool)
+            for i, key in enumerate(keys):  # also a key twice in one part
+                repeated[i] = key in seen
+                seen.add(key)
+            if not repeated.any():
+                continue
+            dropped += int(repeated.sum())
+            if repeated.all():
+                st.remove(path, storage)
+                continue
+            with st.open_input(path, storage) as f:
+                table = pq.read_table(f)
+            st.write_parquet_atomic(table.filter(pa.array(~repeated)), path, storage)
+    return dropped
+
+
+def _counts(config: EncodeConfig, inputs: pa.Table) -> dict[str, dict]:
+    """Per source: input = encoded + rejected, rejects by stage, encoded rows per modality."""
+    storage = config.storage
+    has = [f"has_{m}" for m in LATENT_MODALITIES]
+    latents = read_parts(committed_parts(st.join(config.output, "latents"), storage), storage, ["source", *has])
+    rejects = read_parts(committed_parts(st.join(config.output, "rejects"), storage), storage, ["source", "stage"])
+    counts = {}
+    for source in sorted(set(inputs.column("source").to_pylist())):
+        mine = latents.filter(pc.equal(latents.column("source"), source)) if latents is not None else None
+        bad = rejects.filter(pc.equal(rejects.column("source"), source)) if rejects is not None else None
+        stages = bad.group_by("stage").aggregate([("source", "count")]).to_pylist() if bad is not None else []
+        counts[source] = {
+            "input": int(pc.sum(pc.equal(inputs.column("source"), source)).as_py()),
+            "encoded": mine.num_rows if mine is not None else 0,
+            "rejected": bad.num_rows if bad is not None else 0,
+            "by_stage": {f"rejected/{r['stage']}": r["source_count"] for r in stages},
+            "encoded_with": {m: int(pc.sum(mine.column(f"has_{m}")).as_py() or 0) if mine is not None else 0
+                     for m in LATENT_MODALITIES},
+        }
+        c = counts[source]
+        if c["input"] != c["encoded"] + c["rejected"]:
+            raise RuntimeError(f"source {source}: {c['input']} input rows but {c['encoded']} encoded "
+                               f"+ {c['rejected']} rejected")
+    return counts
+
+
+def run(config: EncodeConfig) -> dict:
+    """Encode every input row not yet written; return the manifest (also `output/manifest.json`)."""
+    progress = Progress("encode")
+    progress.phase("reading the input's keys")
+    init_ray(config.ray.num_cpus)
+    storage, encoding = config.storage, config.encoding()
+    manifest_path, source_job = input_parts(config)
+    # key and source of every input row, per part: for the skip set, the counts and which parts to read
+    by_part = {p: read_parts([p], storage, columns=["key", "source"]) for p in source_job["parts"]}
+    inputs = pa.concat_tables(list(by_part.values())) if by_part else pa.table(
+        {"key": pa.array([], pa.string()), "source": pa.array([], pa.string())})
+    # A key the input holds twice (a retried write upstream) counts once; its copies dedupe below.
+    _, first = np.unique(inputs.column("key").to_numpy(zero_copy_only=False).astype(str), return_index=True)
+    input_duplicates = inputs.num_rows - len(first)
+    inputs = inputs.take(pa.array(np.sort(first), pa.int64()))
+    progress.log(f"{inputs.num_rows} input rows in {len(by_part)} parts ({source_job['job']} output)")
+
+    done = _check_resumable(config, encoding, set(inputs.column("key").to_pylist()))
+    pending = [p for p, t in by_part.items() if any(k not in done for k in t.column("key").to_pylist())]
+    if done:
+        progress.log(f"resuming: {len(done)} rows already encoded or rejected; {len(pending)} parts to read")
+
+    progress.phase("encoding")
+    if pending:  # with nothing to do, no actor is started (each loads the codecs)
+        ds = read_encode_inputs(pending, storage, skip_keys=done, num_cpus=config.io_num_cpus)
+        ds = ds.map_batches(LatentPreprocess, **LatentPreprocess.map_batches_kwargs(encoding))
+        ds = ds.map_batches(LatentEncoder, **LatentEncoder.map_batches_kwargs(encoding))
+        ds.write_datasink(LatentSink(config.output, encoding, storage, rows_per_shard=config.rows_per_shard),
+                          ray_remote_args={"num_cpus": config.io_num_cpus})
+
+    progress.phase("counting")
+    duplicates = drop_duplicate_rows(config.output, storage)
+    counts = _counts(config, inputs)
+    timings = progress.done()
+    new_rows = inputs.num_rows - len(done)
+    latent_parts = committed_parts(st.join(config.output, "latents"), storage)
+    layout = output_layout(latent_parts, encoding, storage)
+    manifest = {
+        "job": "encode",
+        "schema_version": SCHEMA_VERSION,
+        "config": config.model_dump(mode="json"),
+        "config_hash": config_hash(config),
+        "input": {"path": config.input, "manifest": manifest_path, "job": source_job["job"], "parts": source_job["parts"]},
+        "counts": counts,
+        "resumed_rows": len(done),
+        "input_duplicate_keys": input_duplicates,
+        "duplicate_rows_dropped": duplicates,
+        "modalities": {
+            "encoded": [m.value for m in encoding.modalities],
+            "left_out": [m for m in LATENT_MODALITIES if m not in {x.value for x in encoding.modalities}],
+        },
+        "latents": {
+            "dtype": layout.dtype,
+            "storage_type": str(LATENT_STORAGE[layout.dtype]),
+            "shapes": {name: list(shape) for name, shape in layout.shapes.items()},
+            "codec_config_hash": layout.codec_hash,
+        },
+        "codecs": {m.value: c for m, c in encoding.codecs.items()},
+        "pooled": {m.value: c for m, c in encoding.pooled.items()},
+        "outputs": {
+            "latents": latent_parts,
+            "rejects": committed_parts(st.join(config.output, "rejects"), storage),
+        },
+        "timings": timings,
+        "rows_per_s": round(new_rows / timings["encoding"], 2) if timings.get("encoding") else None,
+        "versions": package_versions(),
+    }
+    st.write_bytes_atomic(st.join(config.output, "manifest.json"), dumps(manifest), storage)
+    for name, c in counts.items():
+        progress.log(f"{name}: {c['input']} in = {c['encoded']} encoded + {c['rejected']} rejected {c['by_stage']}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_parser("python -m jobs.encode", __doc__).parse_args(argv)
+    try:
+        config = load_config(EncodeConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

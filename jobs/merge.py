@@ -1,0 +1,117 @@
+"""Merge stage models, average or task-arithmetic compatible checkpoints, export EMA weights.
+
+    python -m jobs.merge --config configs/merge_shapesworld.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.merge --config FILE.yaml output=s3://bucket/models/omni
+
+Inputs are model directories or training checkpoints, local or s3:// (copied to a temp directory
+first). The recipe (`omniflow.merge`: streams, average, task_arithmetic or export) runs in this
+process, no Ray cluster needed, and the result is a model directory, uploaded when the output is
+s3://. `manifest.json` is written last: a directory without it is not a finished merge.
+
+Output layout under `output` (a model directory that `from_pretrained` loads):
+    config.json, diffusion_pytorch_model*.safetensors   the merged transformer
+    omniflow.json    model info (latent shapes, codecs), per stream from the model that gave it
+    merge.json       the recipe and what came from where
+    manifest.json    config and hash, inputs, recipe, parameter counts, timings, versions
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from pydantic import Field
+
+from jobs.common import ConfigError, Progress, config_hash, dumps, job_parser, load_config, package_versions
+from omniflow.merge import MERGE_FILE, MergeConfig, MergeError, merge_model_dirs
+from omniflow.model_dir import STATE_FILE
+from pipelines import storage as st
+
+MANIFEST = "manifest.json"
+
+
+class MergeJobConfig(MergeConfig):
+    """`omniflow.merge.MergeConfig` plus where s3:// paths live."""
+
+    storage: st.StorageConfig = Field(default_factory=st.StorageConfig)
+
+
+def _describe_input(path: str, local: Path) -> dict:
+    """What the manifest records of an input: its kind, files and sizes, and a checkpoint's step."""
+    files = {str(p.relative_to(local)): p.stat().st_size for p in sorted(local.rglob("*")) if p.is_file()}
+    entry: dict = {"path": path, "files": files}
+    if (local / STATE_FILE).is_file():
+        entry["kind"] = "training_checkpoint"
+        entry["step"] = json.loads((local / STATE_FILE).read_text()).get("step")
+    else:
+        entry["kind"] = "model_dir"
+    return entry
+
+
+def run(config: MergeJobConfig) -> dict:
+    """Run the merge and return the manifest (also written to `output/manifest.json`)."""
+    progress = Progress("merge")
+    storage = config.storage
+    remote_output = st.scheme(config.output) != "file"
+    with tempfile.TemporaryDirectory(prefix="merge-") as tmp:
+        staged: dict[str, Path] = {}
+
+        def resolve(path: str) -> Path:
+            if path not in staged:
+                if st.scheme(path) == "file":
+                    staged[path] = Path(path)
+                else:
+                    progress.log(f"downloading {path}")
+                    staged[path] = Path(st.download_dir(path, Path(tmp) / "inputs" / str(len(staged)), storage))
+            return staged[path]
+
+        progress.phase(f"merging ({config.recipe.method})")
+        # A local output is swapped in whole (an earlier manifest goes with the old directory).
+        model_dir = merge_model_dirs(config, resolve=resolve, write_to=Path(tmp) / "output" if remote_output else None)
+        record = json.loads((model_dir / MERGE_FILE).read_text())
+        outputs = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir()) if p.is_file()}
+        if remote_output:
+            progress.phase(f"uploading to {config.output}")
+            # The earlier manifest goes first, so that no reader takes a half-replaced model as whole.
+            st.remove(st.join(config.output, MANIFEST), storage)
+            st.remove(config.output, storage)
+            for name in outputs:
+                st.write_bytes_atomic(st.join(config.output, name), (model_dir / name).read_bytes(), storage)
+        inputs = [_describe_input(path, staged[path]) for path in config.recipe.inputs()]
+
+    by_source = record.get("elements_by_source", {})
+    manifest = {
+        "job": "merge",
+        "config": config.model_dump(mode="json"),
+        "config_hash": config_hash(config),
+        "inputs": inputs,
+        "recipe": record,
+        # state-dict elements: the parameters and the fixed positional-embedding tables
+        "elements": {"total": record["elements"], **({"by_source": by_source} if by_source else {})},
+        "outputs": {"model_dir": config.output, "files": outputs},
+        "timings": progress.done(),
+        "versions": package_versions(),
+    }
+    st.write_bytes_atomic(st.join(config.output, MANIFEST), dumps(manifest), storage)
+    progress.log(f"wrote {config.output}: {record['elements']:,} weights"
+                 + (f", by source {by_source}" if by_source else ""))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_parser("python -m jobs.merge", __doc__).parse_args(argv)
+    try:
+        config = load_config(MergeJobConfig, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        run(config)
+    except (MergeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Fill the missing modality of curated rows with generator models: image-text-audio triplets.
+
+    python -m jobs.synthesize --config configs/synthesize_shapesworld.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.synthesize --config FILE.yaml output=s3://bucket/run
+
+Reads a curate job's output (its `manifest.json` names the curated parts) and runs one Ray Data
+pipeline: read parts -> caption missing captions from the image -> generate missing images and
+audio from the caption (one actor stage per generator) -> triplet parts and reject parts, each
+committed whole. Every generated modality carries `<modality>_synthetic` = true and its provenance
+(generator, checkpoint, seed, parameters); a row's seed is a hash of `seed` and its key, so the
+same config regenerates the same bytes. A row already holding all three modalities passes through
+unchanged. A row that cannot be completed (its missing modality is not in `fill`, or generation
+failed) becomes a reject with its reason. `manifest.json` is written last. A rerun skips every key
+already in `triplets/` or `rejects/`, so a killed job resumes without losing or duplicating rows.
+
+Output layout under `output`:
+    triplets/part-*.parquet   `pipelines.schema.TRIPLET_SAMPLE` rows
+    rejects/part-*.parquet    `pipelines.schema.DROPPED_SAMPLE` rows (status rejected, stage synthesize)
+    manifest.json             config and hash, input, counts per source, outputs, timings, versions
+"""
+
+import json
+import re
+import sys
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs.common import (
+    ConfigError,
+    Progress,
+    RayConfig,
+    config_hash,
+    dumps,
+    init_ray,
+    job_parser,
+    load_config,
+    package_versions,
+)
+from pipelines import storage as st
+from pipelines.generators import MODALITIES, ORDER, GenerateStage
+from pipelines.generators.base import ModalityName
+from pipelines.generators.config import GeneratorsConfig
+from pipelines.generators.parts import TripletSink, read_curated_part
+from pipelines.schema import DROPPED_SAMPLE, SCHEMA_VERSION, TRIPLET_SAMPLE
+from pipelines.writer import committed_keys, committed_parts, read_parts
+
+
+class SynthesizeConfig(BaseModel):
+    """The whole job: input, output, which modalities to fill and with which generators.
+
+        >>> SynthesizeConfig.model_validate({"input": "runs/curated", "output": "runs/triplets", "fill": ["audio"],
+        ...                                  "generators": {"audio": {"type": "shapesworld"}}}).fill
+        ['audio']
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    input: str = Field(description="a curate job's output directory (holding its manifest.json)")
+    output: str
+    storage: st.StorageConfig = Field(default_factory=st.StorageConfig)
+    fill: list[ModalityName] = Field(default_factory=lambda: list(MODALITIES), min_length=1)
+    seed: int = Field(0, ge=0, description="base seed; each row's seed is a hash of it and the row's key")
+    generators: GeneratorsConfig = Field(default_factory=GeneratorsConfig)
+    rows_per_part: int | None = Field(256, ge=1, description="rows per triplets part (None: one part per batch)")
+    # Small, so that reads and writes run beside the generator actors, which hold their CPUs.
+    io_num_cpus: float = Field(0.25, gt=0, description="CPUs per task that reads a curated part or writes one")
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("fill")
+    @classmethod
+    def _unique(cls, fill: list[str]) -> list[str]:
+        if len(set(fill)) != len(fill):
+            raise ValueError(f"fill lists a modality twice: {fill}")
+        return fill
+
+    @model_validator(mode="after")
+    def _generator_per_filled_modality(self) -> "SynthesizeConfig":
+        missing = [m for m in self.fill if getattr(self.generators, m) is None]
+        if missing:
+            raise ValueError(f"fill includes {missing} but generators.{missing[0]} is not configured")
+        return self
+
+
+# ---- input ---------------------------------------------------------------------------------
+
+
+def curated_parts(config: SynthesizeConfig) -> tuple[str, list[str]]:
+    """The input manifest's path and the curated part files it names."""
+    path = st.join(config.input, "manifest.json")
+    try:
+        manifest = json.loads(st.read_bytes(path, config.storage))
+    except FileNotFoundError:
+        raise ConfigError(f"input: no manifest.json in {config.input!r}; expected a curate job's output") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"input: {path} is not valid JSON: {err}") from None
+    if manifest.get("job") != "curate" or not isinstance(manifest.get("outputs", {}).get("curated"), list):
+        raise ConfigError(f"input: {path} is not a curate job's manifest (job={manifest.get('job')!r})")
+    return path, manifest["outputs"]["curated"]
+
+
+# ---- output --------------------------------------------------------------------------------
+
+
+def _drop_duplicate_rows(parts: list[str], storage: st.StorageConfig) -> int:
+    """Rewrite parts holding keys that an earlier part already holds (a write task that Ray retried
+    after it had committed) without them; return how many rows were dropped."""
+    seen: set[str] = set()
+    dropped = 0
+    for path in parts:
+        repeated = []
+        for key in read_parts([path], storage, columns=["key"]).column("key").to_pylist():
+            repeated.append(key in seen)
+            seen.add(key)
+        if any(repeated):
+            dropped += sum(repeated)
+            table = read_parts([path], storage).filter(pa.array([not r for r in repeated]))
+            st.write_parquet_atomic(table, path, storage)
+    return dropped
+
+
+# ---- the job -------------------------------------------------------------------------------
+
+
+def synthesize_stage(config: SynthesizeConfig, parts: list[str], progress: Progress) -> dict[str, int]:
+    """Generate and write every input row not yet in `triplets/` or `rejects/`.
+
+    Returns the input rows per source (read from the parts' key and source columns).
+    """
+    import ray
+
+    storage = config.storage
+    done = committed_keys(st.join(config.output, "triplets"), storage) | committed_keys(
+        st.join(config.output, "rejects"), storage
+    )
+    items, input_counts = [], Counter()
+    for path in parts:
+        index = read_parts([path], storage, columns=["key", "source"])
+        input_counts.update(index.column("source").to_pylist())
+        keys = index.column("key").to_pylist()
+        skip = [k for k in keys if k in done]
+        if len(skip) < len(keys):
+            items.append({"path": path, "skip": skip})
+    if done:
+        progress.log(f"resuming: {len(done)} rows already written")
+    if not items:
+        progress.log("nothing left to generate")
+        return dict(input_counts)
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_curated_part, fn_kwargs={"storage": storage, "fill": list(config.fill)},
+        batch_size=1, batch_format="pyarrow", num_cpus=config.io_num_cpus,
+    )
+    for modality in ORDER:
+        if modality in config.fill:
+            generator = getattr(config.generators, modality)
+            ds = ds.map_batches(GenerateStage, **GenerateStage.map_batches_kwargs(modality, generator, base_seed=config.seed))
+    sink = TripletSink(config.output, storage, rows_per_part=config.rows_per_part)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": config.io_num_cpus})
+    return dict(input_counts)
+
+
+def _counts(config: SynthesizeConfig, input_counts: dict[str, int], triplets: pa.Table, rejects: pa.Table) -> dict:
+    counts = {}
+    for source, n in sorted(input_counts.items()):
+        mine = triplets.filter(pc.equal(triplets.column("source"), source))
+        rejected = rejects.filter(pc.equal(rejects.column("source"), source))
+        counts[source] = {
+            "input": n,
+            "kept": mine.num_rows,
+            "rejected": rejected.num_rows,
+            "generated": {m: int(pc.sum(mine.column(f"{m}_synthetic")).as_py() or 0) for m in MODALITIES},
+        }
+        if counts[source]["input"] != counts[source]["kept"] + counts[source]["rejected"]:
+            raise RuntimeError(f"source {source!r}: {counts[source]} do not add up; is the input still being written?")
+    return counts
+
+
+def shapesworld_agreement(config: SynthesizeConfig, parts: list[str]) -> dict:
+    """For modalities the ShapesWorld renderer filled: the share of generated values whose concept
+    the checkers read back as the row's concept (the caption's for image and audio, the image's
+    for captions)."""
+    from omniflow.codecs.media import decode_audio, decode_image
+    from omniflow.shapesworld import read_audio, read_caption, read_image
+
+    rendered = [m for m in config.fill if getattr(config.generators, m).type == "shapesworld"]
+    if not rendered or not parts:
+        return {}
+    table = read_parts(parts, config.storage, columns=["image", "caption", "audio", *(f"{m}_synthetic" for m in rendered)])
+    out = {}
+    for modality in rendered:
+        rows = table.filter(table.column(f"{modality}_synthetic"))
+        if not rows.num_rows:
+            continue
+        if modality == "caption":
+            truth = read_image([np.asarray(decode_image(b)) for b in rows.column("image").to_pylist()]).concepts()
+            read = read_caption(rows.column("caption").to_pylist()).concepts()
+        else:
+            truth = read_caption(rows.column("caption").to_pylist()).concepts()
+            media = rows.column(modality).to_pylist()
+            if modality == "image":
+                read = read_image([np.asarray(decode_image(b)) for b in media]).concepts()
+            else:
+                read = read_audio([decode_audio(b)[0] for b in media]).concepts()
+        agree = [r is not None and r == t for r, t in zip(read, truth)]
+        out[modality] = {"generated": rows.num_rows, "agreement": round(float(np.mean(agree)), 4)}
+    return out
+
+
+def _reason_kind(reason: str) -> str:
+    """A reject reason without the row's own text (a quoted caption at its end), for counting."""
+    return re.sub(r":\s*(['\"]).*\1$", "", reason)
+
+
+def run(config: SynthesizeConfig) -> dict:
+    """Run the whole synthesis and return the manifest (also written to `output/manifest.json`)."""
+    progress = Progress("synthesize")
+    storage = config.storage
+    manifest_path, parts = curated_parts(config)
+    init_ray(config.ray.num_cpus)
+    progress.log(f"{len(parts)} curated parts from {manifest_path}; filling {config.fill}")
+    progress.phase("generating")
+    input_counts = synthesize_stage(config, parts, progress)
+    progress.phase("counting and checking")
+    outputs = {kind: committed_parts(st.join(config.output, kind), storage) for kind in ("triplets", "rejects")}
+    duplicates = sum(_drop_duplicate_rows(outputs[kind], storage) for kind in outputs)
+    flags = [f"{m}_synthetic" for m in MODALITIES]
+    triplets = read_parts(outputs["triplets"], storage, columns=["key", "source", *flags])
+    rejects = read_parts(outputs["rejects"], storage, columns=["key", "source", "reason"])
+    triplets = triplets if triplets is not None else TRIPLET_SAMPLE.empty_table().select(["key", "source", *flags])
+    rejects = rejects if rejects is not None else DROPPED_SAMPLE.empty_table().select(["key", "source", "reason"])
+    counts = _counts(config, input_counts, triplets, rejects)
+    agreement = shapesworld_agreement(config, outputs["triplets"])
+    reasons = Counter(_reason_kind(r) for r in rejects.column("reason").to_pylist())
+    manifest = {
+        "job": "synthesize",
+        "schema_version": SCHEMA_VERSION,
+        "config": config.model_dump(mode="json"),
+        "config_hash": config_hash(config),
+        "input": {"manifest": manifest_path, "curated": parts},
+        "counts": counts,
+        "reject_reasons": dict(reasons.most_common()),
+        "duplicate_rows_dropped": duplicates,
+        "semantics": agreement,
+        "outputs": outputs,
+        "timings": progress.done(),
+        "versions": package_versions(),
+    }
+    st.write_bytes_atomic(st.join(config.output, "manifest.json"), dumps(manifest), storage)
+    for source, c in counts.items():
+        progress.log(f"{source}: {c['input']} in = {c['kept']} kept + {c['rejected']} rejected; generated {c['generated']}")
+    if agreement:
+        progress.log(f"ShapesWorld agreement of generated modalities: {agreement}")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_parser("python -m jobs.synthesize", __doc__).parse_args(argv)
+    try:
+        config = load_config(SynthesizeConfig, args.config, args.overrides)
+        run(config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

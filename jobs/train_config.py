@@ -1,0 +1,120 @@
+"""The training job's configuration: one pydantic model, validated where it is loaded."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jobs.common import RayConfig
+from omniflow.ema import EMAConfig
+from omniflow.objective import FlowObjective
+from omniflow.parallelize import ParallelConfig
+from omniflow.training import OptimConfig
+from pipelines import storage as st
+from pipelines.mixing import DatasetSpec
+
+
+class ModelSpec(BaseModel):
+    """The transformer to train: a preset with overrides, or weights to start from.
+
+    `init`: a model directory, a training checkpoint directory (its EMA weights with
+    `init_ema`), or `sd3:<path or hub id>` to convert SD3's MMDiT (image and text streams).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    preset: str = "toy"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="transformer config fields, e.g. streams")
+    init: str | None = None
+    init_ema: bool = True
+
+
+class ScalingSpec(BaseModel):
+    """Ray Train's `ScalingConfig`: workers, and what each reserves."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class CheckpointSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(500, ge=1, description="steps between checkpoints (the last step always saves)")
+    keep: int = Field(2, ge=1, description="checkpoints kept in storage")
+
+
+class LogSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    every: int = Field(10, ge=1, description="steps between metric reports")
+    tensorboard_dir: str | None = Field(
+        None, description="local directory for TensorBoard events (default: <run dir>/tensorboard for a local run)"
+    )
+
+
+class ValidationSpec(BaseModel):
+    """Loss at fixed flow times on fixed rows with fixed noise: comparable across steps and runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    every: int | None = Field(None, ge=1, description="steps between validations (default: at checkpoints)")
+    dataset: str | None = Field(None, description="the dataset whose first rows are used (default: the first)")
+    rows: int = Field(64, ge=1)
+    times: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    seed: int = 0
+
+
+class ExportSpec(BaseModel):
+    """The model directory written from the final checkpoint, for merging and serving."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = Field(None, description="default: <storage_path>/<name>/model")
+    use_ema: bool = True
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs. Example: configs/train_shapesworld_stage1.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    storage_path: str = Field(description="run directories live here (local or s3://)")
+    storage: st.StorageConfig = Field(default_factory=st.StorageConfig)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    steps: int = Field(gt=0)
+    batch_size: int = Field(32, gt=0, description="samples per micro-batch per worker")
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    objective: FlowObjective = Field(default_factory=FlowObjective)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ema: EMAConfig | None = Field(default_factory=EMAConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    prefetch_batches: int = Field(2, ge=0)
+    cache_mb_per_stream: float = Field(
+        256, ge=0, description="a stream whose whole epoch fits in this much memory is replayed from memory afterwards"
+    )
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    log: LogSpec = Field(default_factory=LogSpec)
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak dense TFLOP/s per device at the training precision, for MFU (default: known GPUs)"
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        names = [d.name for d in self.datasets]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"dataset names must be unique; repeated: {repeated}")
+        if self.validation.dataset is not None and self.validation.dataset not in names:
+            raise ValueError(f"validation.dataset {self.validation.dataset!r} is not one of the datasets {names}")
+        if self.parallel.strategy == "none" and self.scaling.num_workers > 1:
+            raise ValueError("parallel.strategy 'none' runs one worker; use ddp or fsdp for scaling.num_workers > 1")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return st.join(self.storage_path, self.name)

@@ -1,0 +1,295 @@
+"""What each Ray Train worker runs: build or restore the model, stream mixed batches, step,
+report metrics, checkpoint.
+
+Every `report_every` steps all workers call `ray.train.report` (it is a barrier); at checkpoint
+steps rank 0 attaches a checkpoint holding the whole model, EMA, optimizer, step, and every
+rank's data position. After a worker failure Ray Train restarts the group and
+`ray.train.get_checkpoint()` hands back the last one: the step counter, learning rate, EMA and
+data streams continue from there.
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+
+from omniflow.ema import EMA
+from omniflow.wrappers import unwrap
+from omniflow.model_dir import (
+    checkpoint_weights,
+    is_model_dir,
+    is_training_checkpoint,
+    load_model_dir,
+    load_training_checkpoint,
+    model_from_state_dict,
+    save_training_checkpoint,
+    transformer_config,
+)
+from omniflow.parallelize import (
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    load_full_state,
+    parallelize,
+    shard_like,
+)
+from omniflow.presets import build_transformer, model_cost
+from omniflow.training import Batch, build_optimizer, build_scheduler, train_step, validation_loss
+from pipelines.mixing import MixedBatches, Stream, task_choice, presence, to_batch
+from jobs.train_config import ModelSpec, TrainConfig
+
+# Peak dense bf16 TFLOP/s per device, for MFU when the config gives none.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def build_model(spec: ModelSpec) -> torch.nn.Module:
+    """The transformer `spec` describes, on the CPU in float32."""
+    if spec.init is None:
+        return build_transformer(spec.preset, **spec.overrides)
+    if spec.init.startswith("sd3:"):
+        from omniflow.convert.sd3 import transformer_from_sd3
+
+        return transformer_from_sd3(spec.init.removeprefix("sd3:"), **spec.overrides)
+    if is_training_checkpoint(spec.init):
+        state = load_training_checkpoint(spec.init, optimizer=False)
+        return model_from_state_dict(state["model_config"], checkpoint_weights(state, use_ema=spec.init_ema))
+    if is_model_dir(spec.init):
+        return load_model_dir(spec.init, dtype=torch.float32, device="cpu")
+    raise FileNotFoundError(f"model.init {spec.init!r} is neither a model directory nor a training checkpoint")
+
+
+def peak_flops(config: TrainConfig, device: torch.device) -> float | None:
+    if config.peak_tflops is not None:
+        return config.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+class Meter:
+    """Sums over the steps between two reports."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.samples, self.data_s, self.compute_s = 0, 0, 0.0, 0.0
+        self.loss, self.modality, self.task = 0.0, defaultdict(list), defaultdict(list)
+        self.start = time.perf_counter()
+
+    def add(self, out, data_s: float, compute_s: float) -> None:
+        self.steps += 1
+        self.samples += out.samples
+        self.data_s += data_s
+        self.compute_s += compute_s
+        self.loss += out.loss
+        for k, v in out.per_modality.items():
+            self.modality[k].append(v)
+        for k, v in out.per_task.items():
+            self.task[k].append(v)
+
+
+def _validation_batches(config: TrainConfig, table: pa.Table | None, device: torch.device) -> list[Batch]:
+    if table is None:
+        return []
+    spec = next(d for d in config.datasets if d.name == (config.validation.dataset or config.datasets[0].name))
+    chosen = task_choice(presence(table, synthetic=spec.synthetic), spec.tasks, np.random.default_rng(config.validation.seed))
+    keep = [t is not None for t in chosen]
+    table = table.filter(pa.array(keep))
+    tasks = [t for t in chosen if t is not None]
+    if not tasks:
+        return []
+    return [to_batch(table, tasks).to(device)]
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    torch.manual_seed(config.seed)
+
+    model = build_model(config.model)
+    model_config = transformer_config(model)
+    start_step, position = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    restored = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            restored = load_training_checkpoint(directory)
+        start_step = restored["step"]
+        positions = restored["data_position"] or []
+        position = positions[rank] if rank < len(positions) else None
+        if rank == 0:
+            _say(f"resuming from step {start_step}")
+
+    model = parallelize(model, config.parallel, device=device,
+                        mixed_precision=torch.bfloat16 if precision == "bf16" and config.parallel.strategy == "fsdp" else None,
+                        streams_may_be_skipped=config.objective.rules.skip_absent)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps=config.steps)
+    ema = EMA.from_config(model, config.ema) if config.ema is not None else None
+    if restored is not None:
+        load_full_state(model, optimizer, restored["model"], restored["optimizer"])
+        if ema is not None and restored["ema"] is not None:
+            ema.load_state_dict({k: shard_like(v, ema.shadow[k]) for k, v in restored["ema"].items()})
+        scheduler.last_epoch = start_step
+        for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+            group["lr"] = lr
+        del restored
+
+    streams = []
+    for name, meta in loop_config["streams"].items():
+        shard = ray.train.get_dataset_shard(name)
+        streams.append(Stream(
+            name=name, weight=meta["weight"], tasks=meta["tasks"], synthetic=meta["synthetic"],
+            open=lambda shard=shard: shard.iter_batches(
+                batch_size=config.batch_size, batch_format="pyarrow", prefetch_batches=config.prefetch_batches
+            ),
+        ))
+    mix = MixedBatches(streams, batch_size=config.batch_size, seed=config.seed, rank=rank, position=position,
+                       cache_bytes=config.cache_mb_per_stream * 2**20)
+    val_batches = _validation_batches(config, loop_config.get("validation_rows"), device)
+
+    shapes = {m: tuple(s) for m, s in loop_config["latent_shapes"].items() if m in unwrap(model).streams}
+    flops_per_sample = model_cost(model_config, shapes).train_flops
+    peak = peak_flops(config, device)
+    writer = None
+    if rank == 0 and loop_config.get("tensorboard_dir"):
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(loop_config["tensorboard_dir"])
+    metrics_log = loop_config.get("metrics_log") if rank == 0 else None
+
+    meter = Meter()
+    model.train()
+    for step in range(start_step + 1, config.steps + 1):
+        t0 = time.perf_counter()
+        micro = []
+        for i in range(config.optim.grad_accum):
+            table, tasks = mix.next_batch(step * config.optim.grad_accum + i)
+            micro.append(to_batch(table, tasks).to(device))
+        t1 = time.perf_counter()
+        generator = torch.Generator(device=device).manual_seed(hash((config.seed, rank, step)) % 2**63)
+        out = train_step(model, micro, optimizer=optimizer, scheduler=scheduler, objective=config.objective,
+                         grad_clip=config.optim.grad_clip, precision=precision, generator=generator)
+        if ema is not None:
+            ema.update(model, step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        meter.add(out, t1 - t0, time.perf_counter() - t1)
+        if not math.isfinite(out.loss):
+            raise FloatingPointError(f"loss is {out.loss} at step {step}")
+
+        last = step == config.steps
+        save = last or step % config.checkpoint.every == 0
+        validate = val_batches and (last or (step % config.validation.every == 0 if config.validation.every else save))
+        if not (last or save or step % config.log.every == 0):
+            continue
+        metrics = _summary(meter, step, world, out.lr, flops_per_sample, peak)
+        metrics["skipped_rows"] = mix.skipped_rows
+        if validate:
+            model.eval()
+            metrics.update({f"val/{k}": v for k, v in validation_loss(
+                model, val_batches, objective=config.objective, times=config.validation.times,
+                seed=config.validation.seed, precision=precision).items()})
+            if ema is not None:
+                with ema.swapped(model):
+                    metrics["val/ema_loss"] = validation_loss(
+                        model, val_batches, objective=config.objective, times=config.validation.times,
+                        seed=config.validation.seed, precision=precision)["loss"]
+            model.train()
+        if rank == 0:
+            _log(metrics, writer, metrics_log)
+        if save:
+            _report_with_checkpoint(metrics, model, optimizer, ema, mix, step, model_config, loop_config, rank)
+        else:
+            ray.train.report(metrics)
+        meter.reset()  # after validation and checkpointing: samples/s measures training steps only
+    if writer is not None:
+        writer.close()
+
+
+def _summary(meter: Meter, step: int, world: int, lr: float, flops_per_sample: int, peak: float | None) -> dict:
+    elapsed = max(time.perf_counter() - meter.start, 1e-9)
+    samples_per_s = meter.samples * world / elapsed  # every worker steps in lockstep
+    metrics = {
+        "step": step,
+        "loss": meter.loss / meter.steps,
+        "lr": lr,
+        "samples_per_s": samples_per_s,
+        "step_time_s": elapsed / meter.steps,
+        "data_wait_s": meter.data_s / meter.steps,
+        "compute_s": meter.compute_s / meter.steps,
+        "data_wait_share": meter.data_s / elapsed,
+        "tflops_per_s": flops_per_sample * samples_per_s / 1e12,
+        "mfu": flops_per_sample * samples_per_s / (peak * world) if peak else None,
+    }
+    metrics.update({f"loss/{k}": float(np.mean(v)) for k, v in meter.modality.items()})
+    metrics.update({f"task/{k}": float(np.mean(v)) for k, v in meter.task.items()})
+    return metrics
+
+
+def _say(line: str) -> None:
+    # Ray Train routes print() to its logger and the console both; one copy is enough.
+    sys.stdout.write(f"[train] {line}\n")
+    sys.stdout.flush()
+
+
+def _log(metrics: dict, writer, metrics_log: str | None) -> None:
+    parts = [f"step {metrics['step']}", f"loss {metrics['loss']:.4f}"]
+    parts += [f"{k.removeprefix('loss/')} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/")]
+    parts += [f"{metrics['samples_per_s']:.1f} samples/s", f"data wait {100 * metrics['data_wait_share']:.1f}%"]
+    if metrics.get("mfu") is not None:
+        parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    if "val/loss" in metrics:
+        parts.append(f"val {metrics['val/loss']:.4f}")
+    _say(" | ".join(parts))
+    if writer is not None:
+        for k, v in metrics.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, metrics["step"])
+        writer.flush()
+    if metrics_log:
+        os.makedirs(os.path.dirname(metrics_log), exist_ok=True)
+        with open(metrics_log, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def _report_with_checkpoint(metrics, model, optimizer, ema, mix, step, model_config, loop_config, rank) -> None:
+    import ray.train
+
+    # Collectives first, on every rank: whole states from shards, every rank's data position.
+    model_state = full_model_state(model)
+    optimizer_state = full_optimizer_state(model, optimizer)
+    ema_state = {k: full_tensor(v) for k, v in ema.state_dict().items()} if ema is not None else None
+    positions = [mix.position()]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        positions = [None] * dist.get_world_size()
+        dist.all_gather_object(positions, mix.position())
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_training_checkpoint(
+            directory, model_state=model_state, model_config=model_config, step=step, ema_state=ema_state,
+            optimizer_state=optimizer_state, data_position=positions, config=loop_config["config"],
+            model_info=loop_config["model_info"],
+        )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

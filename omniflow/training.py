@@ -1,0 +1,171 @@
+"""One optimizer step of the multi-modal flow objective, and what it needs: AdamW with decay only
+on matrices, warm-up then cosine, gradient accumulation and clipping, autocast.
+
+No Ray here: `jobs/train.py` runs this inside Ray Train workers, and a bare loop can run it as is.
+
+    >>> optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
+    >>> scheduler = build_scheduler(optimizer, OptimConfig(lr=1e-4), total_steps=10_000)
+    >>> out = train_step(model, [batch], optimizer=optimizer, scheduler=scheduler, objective=FlowObjective())
+"""
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from omniflow.lr import warmup_cosine
+from omniflow.objective import FlowObjective, flow_loss
+from omniflow.tasks import Task
+
+Precision = Literal["fp32", "bf16"]
+
+
+class OptimConfig(BaseModel):
+    """AdamW and its schedule: linear warm-up to `lr`, cosine decay to `lr * min_lr_ratio`."""
+
+    model_config = ConfigDict(extra="forbid")
+    lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+
+
+@dataclass
+class Batch:
+    """One micro-batch: clean latents and pooled vectors per modality, and a task per sample."""
+
+    latents: dict[str, torch.Tensor]
+    tasks: list[Task]
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "Batch":
+        move = lambda d: {k: v.to(device, dtype, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        return Batch(latents=move(self.latents), tasks=self.tasks, pooled=move(self.pooled))
+
+
+@dataclass
+class StepOutput:
+    loss: float
+    per_modality: dict[str, float]
+    per_task: dict[str, float]
+    task_counts: dict[str, int]
+    grad_norm: float | None
+    lr: float
+    samples: int
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; biases, norms and embeddings tables (parameters under 2-D) get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, *, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine(s, total=total_steps, warmup=config.warmup_steps, floor=config.min_lr_ratio),
+    )
+
+
+def autocast(device: torch.device, precision: Precision):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _no_sync(model: nn.Module, last: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+    if not last and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: Sequence[Batch],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    objective: FlowObjective,
+    grad_clip: float | None = None,
+    precision: Precision = "fp32",
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """Accumulate gradients over `micro_batches` (weighted by their sizes), clip, step.
+
+    Per-modality and per-task losses come back averaged over the step's samples, for logging.
+    """
+    total = sum(len(b) for b in micro_batches)
+    device = next(iter(micro_batches[0].latents.values())).device
+    loss_sum, modality_sum, modality_n, task_sum, task_n = 0.0, {}, {}, {}, {}
+    for i, batch in enumerate(micro_batches):
+        with _no_sync(model, last=i == len(micro_batches) - 1), autocast(device, precision):
+            out = flow_loss(model, batch.latents, batch.tasks, objective=objective, pooled=batch.pooled, generator=generator)
+        (out.loss * (len(batch) / total)).backward()
+        loss_sum += out.loss.item() * len(batch)
+        for name, value in out.per_modality.items():
+            modality_sum[name] = modality_sum.get(name, 0.0) + value.item() * len(batch)
+            modality_n[name] = modality_n.get(name, 0) + len(batch)
+        for name, value in out.per_task.items():
+            n = sum(t.name == name for t in batch.tasks)
+            task_sum[name] = task_sum.get(name, 0.0) + value.item() * n
+            task_n[name] = task_n.get(name, 0) + n
+    grad_norm = None
+    if grad_clip is not None:
+        norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepOutput(
+        loss=loss_sum / total,
+        per_modality={k: modality_sum[k] / modality_n[k] for k in modality_sum},
+        per_task={k: task_sum[k] / task_n[k] for k in task_sum},
+        task_counts=task_n,
+        grad_norm=grad_norm,
+        lr=lr,
+        samples=total,
+    )
+
+
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    *,
+    objective: FlowObjective,
+    times: Sequence[float],
+    seed: int = 0,
+    precision: Precision = "fp32",
+) -> dict[str, float]:
+    """Loss at each fixed flow time over fixed batches with fixed noise: comparable across steps
+    and runs. Returns the mean over times ("loss") and each time's value ("loss_t0.5")."""
+    out: dict[str, float] = {}
+    for t in times:
+        generator = torch.Generator(device=next(iter(batches[0].latents.values())).device).manual_seed(seed)
+        total, n = 0.0, 0
+        for batch in batches:
+            with autocast(next(iter(batch.latents.values())).device, precision):
+                loss = flow_loss(model, batch.latents, batch.tasks, objective=objective, pooled=batch.pooled,
+                                 generator=generator, fixed_time=t)
+            total += loss.loss.item() * len(batch)
+            n += len(batch)
+        out[f"loss_t{t:g}"] = total / n
+    out["loss"] = sum(out[f"loss_t{t:g}"] for t in times) / len(times)
+    return out

@@ -1,0 +1,130 @@
+"""The training job on a real local Ray cluster: DDP on two CPU workers, metrics and TensorBoard,
+checkpoints and export, S3 storage, --resume, and recovery from a killed worker."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from jobs.train import main, run
+from jobs.train_config import TrainConfig
+from omniflow.model_dir import load_model_dir, read_model_info
+from omniflow.presets import get_preset
+from omniflow.sampling import generate
+from pipelines.synthetic_latents import write_latent_dataset
+
+SHAPES = {m.value: s for m, s in get_preset("tiny").latent_shapes().items()}
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents")
+    write_latent_dataset(out, SHAPES, {"it": (["image", "caption"], 96, 1.0), "at": (["audio", "caption"], 64, 2.0)})
+    return out
+
+
+def _config(latents: Path, storage_path: str, name: str, **extra) -> dict:
+    config = {
+        "name": name, "storage_path": storage_path, "model": {"preset": "tiny"},
+        "datasets": [
+            {"name": "images", "path": str(latents), "sources": ["it"], "weight": 2, "tasks": {"t2i": 0.5, "i2t": 0.5}},
+            {"name": "sounds", "path": str(latents), "sources": ["at"], "weight": 1, "tasks": {"t2a": 0.6, "a2t": 0.4}},
+        ],
+        "steps": 20, "batch_size": 8, "seed": 1, "optim": {"lr": 2e-3, "warmup_steps": 2},
+        "ema": {"decay": 0.9}, "checkpoint": {"every": 10, "keep": 1}, "log": {"every": 5},
+        "validation": {"rows": 16}, "ray": {"num_cpus": 2},
+    }
+    return {**config, **extra}
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_on_two_workers_with_metrics_checkpoints_and_export(tmp_path, latents, ray_cluster):
+    config = TrainConfig.model_validate(_config(latents, str(tmp_path), "ddp", scaling={"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}))
+    manifest = run(config)
+    run_dir = tmp_path / "ddp"
+    metrics = _metrics(run_dir)
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20]
+    assert metrics[-1]["val/loss"] < metrics[1]["val/loss"]
+    assert {"loss/image", "loss/text", "loss/audio", "task/t2i", "task/a2t", "val/loss", "val/loss_t0.5",
+            "val/ema_loss", "samples_per_s", "data_wait_share"} <= set(metrics[-1])
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 1  # keep: 1
+    assert manifest["stream_weights"] == pytest.approx({"images.it": 2 / 3, "sounds.at": 1 / 3})
+
+    model = load_model_dir(manifest["model_dir"], dtype=torch.float32, device="cpu")
+    assert read_model_info(manifest["model_dir"])["latent_shapes"]["image"] == list(SHAPES["image"])
+    out = generate(model, "t2i", conditions={"text": torch.zeros(1, *SHAPES["text"])},
+                   target_shapes={"image": SHAPES["image"]}, steps=2)
+    assert out["image"].shape == (1, *SHAPES["image"]) and torch.isfinite(out["image"]).all()
+
+
+def test_fsdp_with_s3_storage_and_resume(s3_server, latents, ray_cluster):
+    storage = s3_server.storage.model_dump()
+    bucket = s3_server.new_bucket()
+    config = _config(latents, f"s3://{bucket}/train", "s3run", storage=storage, steps=10, parallel={"strategy": "fsdp"},
+                     log={"every": 5, "tensorboard_dir": None})
+    run(TrainConfig.model_validate(config))
+    endpoint = f"storage.endpoint_url={s3_server.endpoint_url}"
+    assert main(["--resume", f"s3://{bucket}/train/s3run", endpoint, "steps=15"]) == 0
+    from pipelines import storage as st
+
+    manifest = json.loads(st.read_bytes(f"s3://{bucket}/train/s3run/manifest.json", s3_server.storage))
+    assert manifest["final_metrics"]["step"] == 15
+    assert st.exists(f"s3://{bucket}/train/s3run/model/config.json", s3_server.storage)
+
+
+def _train_workers(root: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(root).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path, latents):
+    """SIGKILL the training worker once a checkpoint is registered: Ray Train restarts it from that
+    checkpoint, the steps continue from there, and the result matches an uninterrupted run."""
+    steps = 60
+    config = _config(latents, str(tmp_path), "faulty", steps=steps, max_failures=1, log={"every": 5})
+    path = tmp_path / "faulty.json"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", "--config", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "faulty"
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"  # written once Ray Train registers a checkpoint
+    deadline = time.time() + 300
+    while time.time() < deadline and not snapshot.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    workers = _train_workers(proc.pid)
+    assert workers, "no training worker found"
+    killed_at = _metrics(run_dir)[-1]["step"]
+    for w in workers:
+        w.send_signal(signal.SIGKILL)
+    output, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, output[-5000:]
+    assert "RETRY" in output  # Ray Train's failure policy restarted the worker group
+
+    steps_logged = [m["step"] for m in _metrics(run_dir)]
+    restart = next(i for i in range(1, len(steps_logged)) if steps_logged[i] <= steps_logged[i - 1])
+    # the restart continues after a checkpoint (every 10 steps), not from step 0
+    assert steps_logged[restart] % 10 == 5 and 10 <= steps_logged[restart] - 5 <= killed_at
+    assert sorted(set(steps_logged)) == list(range(5, steps + 1, 5))
+
+    clean = run(TrainConfig.model_validate(_config(latents, str(tmp_path), "clean", steps=steps)))
+    faulty = _metrics(run_dir)[-1]
+    assert faulty["val/loss"] == pytest.approx(clean["final_metrics"]["val/loss"], rel=0.05)
