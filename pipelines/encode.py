@@ -49,7 +49,7 @@ from pipelines.schema import (
     latent_column,
     latent_sample_schema,
     pooled_column,
-    tensor_field,
+    tensor_column,
 )
 from pipelines.writer import AtomicParquetSink
 
@@ -226,15 +226,6 @@ def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, values)
     return table.append_column(name, values)
-
-
-def tensor_column(name: str, rows: np.ndarray, value_type: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
-    """(N, *shape) array -> a fixed-shape tensor column of `value_type`, null where not `valid`."""
-    size = int(np.prod(rows.shape[1:]))
-    values = pa.array(np.ascontiguousarray(rows).reshape(-1), type=value_type)
-    mask = None if valid is None else pa.array(~valid, pa.bool_())
-    storage = pa.FixedSizeListArray.from_arrays(values, size, mask=mask)
-    return pa.ExtensionArray.from_storage(tensor_field(name, rows.shape[1:], value_type).type, storage)
 
 
 def tensor_rows(table: pa.Table, name: str) -> np.ndarray:

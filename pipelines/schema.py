@@ -6,6 +6,7 @@ pyarrow reader can open the files. Every layout carries `schema_version`.
 
 import json
 
+import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
@@ -99,6 +100,16 @@ DROPPED_SAMPLE = pa.schema(
 def tensor_field(name: str, shape: tuple[int, ...], value_type: pa.DataType = pa.float32()) -> pa.Field:
     """A fixed-shape tensor column: every row holds one tensor of `shape`."""
     return pa.field(name, pa.fixed_shape_tensor(value_type, list(shape)))
+
+
+def tensor_column(name: str, rows: np.ndarray, value_type: pa.DataType, valid: np.ndarray | None = None) -> pa.Array:
+    """(N, *shape) array -> a fixed-shape tensor column of `value_type`, null where not `valid`
+    (also for N = 0, unlike `pa.FixedShapeTensorArray.from_numpy_ndarray`)."""
+    size = int(np.prod(rows.shape[1:]))
+    values = pa.array(np.ascontiguousarray(rows).reshape(-1), type=value_type)
+    mask = None if valid is None else pa.array(~valid, pa.bool_())
+    storage = pa.FixedSizeListArray.from_arrays(values, size, mask=mask)
+    return pa.ExtensionArray.from_storage(tensor_field(name, rows.shape[1:], value_type).type, storage)
 
 
 def empty_table(schema: pa.Schema) -> pa.Table:

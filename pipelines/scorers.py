@@ -28,7 +28,7 @@ from omniflow.scoring.aesthetic import AestheticConfig, load_aesthetic_head
 from omniflow.scoring.clap import AudioFeatures, ClapConfig, audio_features, load_clap, load_feature_extractor
 from omniflow.scoring.clip import ClipConfig, clip_transform, load_clip, preprocess_config
 from pipelines.resources import StageResources, resolve_device  # noqa: F401 - re-exported for callers
-from pipelines.schema import SCORED_SAMPLE, tensor_field
+from pipelines.schema import SCORED_SAMPLE, tensor_column
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +104,6 @@ def _vectors(n: int, rows: np.ndarray, values_RD: torch.Tensor, field: pa.Field)
     return pa.ListArray.from_arrays(offsets, values, type=field.type, mask=pa.array(mask))
 
 
-def _tensor_column(name: str, array: np.ndarray) -> pa.Array:
-    """(N, *shape) float32 -> a fixed-shape tensor column (also for N = 0, unlike `from_numpy_ndarray`)."""
-    row_size = int(np.prod(array.shape[1:]))
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).reshape(-1)), row_size)
-    return pa.ExtensionArray.from_storage(tensor_field(name, array.shape[1:]).type, storage)
-
-
 def _tensor_rows(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).combine_chunks().to_numpy_ndarray()
 
@@ -144,7 +137,7 @@ class ClipPreprocess:
             except MediaError as err:
                 stage[i], reason[i] = SCORE_STAGE, str(err)
         batch = _with_rejects(batch, stage, reason)
-        return _set_column(batch, CLIP_PIXELS, _tensor_column(CLIP_PIXELS, pixels))
+        return _set_column(batch, CLIP_PIXELS, tensor_column(CLIP_PIXELS, pixels, pa.float32()))
 
 
 class ClipScorer:
@@ -237,7 +230,7 @@ class ClapPreprocess:
             features[rows] = computed.input_features.numpy()
             is_longer[rows] = computed.is_longer.numpy().reshape(-1)
         out = _with_rejects(batch, stage, reason)
-        out = _set_column(out, CLAP_FEATURES, _tensor_column(CLAP_FEATURES, features))
+        out = _set_column(out, CLAP_FEATURES, tensor_column(CLAP_FEATURES, features, pa.float32()))
         return _set_column(out, CLAP_IS_LONGER, pa.array(is_longer))
 
 

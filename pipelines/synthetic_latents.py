@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipelines.encode import tensor_column
-from pipelines.schema import LATENT_STORAGE, SCHEMA_VERSION, latent_column, latent_sample_schema
+from pipelines.schema import LATENT_STORAGE, SCHEMA_VERSION, latent_column, latent_sample_schema, tensor_column
 from pipelines.storage import StorageConfig, write_parquet_atomic
 
 MODALITY_OF = {"image": "image", "caption": "text", "audio": "audio"}

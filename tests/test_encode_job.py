@@ -275,7 +275,8 @@ def test_stages_reject_bad_rows_with_their_reason(codecs_dir):
     rejected at decode; a row whose latents come out non-finite is rejected at encode, alone."""
     from omniflow.codecs.image import to_pixels
     from omniflow.codecs.media import encode_image
-    from pipelines.encode import LatentEncoder, LatentPreprocess, tensor_column
+    from pipelines.encode import LatentEncoder, LatentPreprocess
+    from pipelines.schema import tensor_column
 
     config = EncodeConfig.model_validate({"input": "x", "output": "y", "toy_codecs": str(codecs_dir)}).encoding()
     rows = _rows(8, seed=0, synthetic=False)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipelines import storage as st
-from pipelines.encode import tensor_column, to_storage
+from pipelines.encode import to_storage
 from pipelines.latents import latent_layout, latents_to_tensors, read_latents, tensor_from_column
-from pipelines.schema import SCHEMA_VERSION, latent_sample_schema
+from pipelines.schema import SCHEMA_VERSION, latent_sample_schema, tensor_column
 
 SHAPES = {"image": (4, 2, 2), "text": (3, 5)}
 
