@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import yaml
@@ -60,17 +60,19 @@ def _describe(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(model: type[ConfigT], path: str | None, overrides: Sequence[str] = ()) -> ConfigT:
-    """Read YAML `path`, apply key=value overrides, validate with `model`."""
+def load_config(model: type[ConfigT], source: str | dict | None, overrides: Sequence[str] = ()) -> ConfigT:
+    """Read YAML file `source` (or take the dict itself), apply key=value overrides, validate with `model`."""
     raw: dict = {}
-    if path:
+    if isinstance(source, dict):
+        raw = source
+    elif source:
         try:
-            with open(path) as f:
+            with open(source) as f:
                 raw = yaml.safe_load(f) or {}
         except OSError as err:
-            raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+            raise ConfigError(f"cannot read config {source}: {err.strerror}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+            raise ConfigError(f"config {source} is not valid YAML: {err}") from None
     try:
         return model.model_validate(_merge(raw, parse_overrides(overrides)))
     except ValidationError as err:
@@ -96,6 +98,36 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config fields, e.g. output=s3://b/run1")
     return parser
+
+
+def job_main(
+    config_model: type[ConfigT],
+    run: Callable[[ConfigT], Any],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    description: str | None,
+    parser: argparse.ArgumentParser | None = None,
+    load: Callable[[argparse.Namespace], ConfigT] | None = None,
+    errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """A job's `main`: parse the command line, load and validate the config, run it.
+
+    Returns the exit status: 0 when the run finished, 2 for a bad command line or config (the
+    message names what to fix), 1 for one of the job's own expected `errors` (message only, no
+    traceback). `parser` and `load` replace the default `--config FILE key=value ...` handling.
+    """
+    args = (parser or job_parser(prog, description or "")).parse_args(argv)
+    try:
+        config = load(args) if load else load_config(config_model, args.config, args.overrides)
+        run(config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> None:

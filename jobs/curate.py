@@ -28,17 +28,16 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.common import (
-    ConfigError,
     Progress,
     RayConfig,
     config_hash,
     dumps,
     init_ray,
-    job_parser,
-    load_config,
+    job_main,
     package_versions,
 )
 from pipelines import storage as st
+from pipelines.curated import KeepKept
 from pipelines.decode import Decode, DecodeConfig
 from pipelines.filters import SCORES, FilterConfig, decide
 from pipelines.plots import score_histogram
@@ -123,23 +122,6 @@ def _scores(table: pa.Table, score: str) -> np.ndarray:
     return pc.fill_null(table.column(score).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
 
 
-class _KeepKept:
-    """Ray Data stage: read one scored part, keep the kept rows, attach their source's weight."""
-
-    def __init__(self, kept: set[str], weights: dict[str, float], storage: st.StorageConfig):
-        self.kept, self.weights, self.storage = kept, weights, storage
-
-    def __call__(self, batch: dict) -> pa.Table:
-        tables = []
-        for path in batch["path"]:
-            part = read_parts([str(path)], self.storage)
-            mask = pa.array([k in self.kept for k in part.column("key").to_pylist()])
-            part = part.filter(mask)
-            weight = pa.array([self.weights[s] for s in part.column("source").to_pylist()], pa.float32())
-            tables.append(conform(part.append_column("source_weight", weight), CURATED_SAMPLE))
-        return pa.concat_tables(tables) if tables else CURATED_SAMPLE.empty_table()
-
-
 def finalize(config: CurateConfig, progress: Progress) -> dict:
     """Filter, weight and write curated shards, rejects, plots; return the manifest's body."""
     import ray
@@ -197,7 +179,7 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
     kept_keys = set(table.filter(pa.array(kept_mask)).column("key").to_pylist())
     if parts:
         ray.data.from_items([{"path": p} for p in parts]).map_batches(
-            _KeepKept, fn_constructor_kwargs={"kept": kept_keys, "weights": weights, "storage": storage},
+            KeepKept, fn_constructor_kwargs={"kept": kept_keys, "weights": weights, "storage": storage},
             batch_size=1, concurrency=1, batch_format="numpy",
         ).write_datasink(AtomicParquetSink(curated_dir, CURATED_SAMPLE, storage))
     dropped = table.filter(pa.array(~kept_mask)).append_column(
@@ -301,14 +283,7 @@ def _remove_stale_runs(config: CurateConfig, run_id: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser("python -m jobs.curate", __doc__).parse_args(argv)
-    try:
-        config = load_config(CurateConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    run(config)
-    return 0
+    return job_main(CurateConfig, run, argv, prog="python -m jobs.curate", description=__doc__)
 
 
 if __name__ == "__main__":

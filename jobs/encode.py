@@ -18,7 +18,6 @@ Output layout under `output`:
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,14 +27,12 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from jobs.common import (
-    ConfigError,
     Progress,
     RayConfig,
     config_hash,
     dumps,
     init_ray,
-    job_parser,
-    load_config,
+    job_main,
     package_versions,
 )
 from pipelines import storage as st
@@ -45,18 +42,6 @@ from pipelines.schema import LATENT_MODALITIES, LATENT_STORAGE, SCHEMA_VERSION
 from pipelines.writer import committed_parts, read_parts
 
 INPUT_JOBS = {"curate": "curated", "synthesize": "triplets"}  # input job -> its outputs entry
-
-
-def toy_codec_configs(root: str) -> dict[str, dict[str, Any]]:
-    """The codec configs in `root/codecs.json`, paths resolved as `load_toy_codecs` resolves them."""
-    from omniflow.toy.codecs import MANIFEST, _resolve
-
-    path = Path(root).resolve()
-    if not (path / MANIFEST).is_file():
-        raise ValueError(
-            f"toy_codecs: {root} has no {MANIFEST}; build it with `python -m omniflow.toy build-codecs --out {root}`"
-        )
-    return {m: _resolve(c, path) for m, c in json.loads((path / MANIFEST).read_text())["codecs"].items()}
 
 
 class EncodeConfig(EncodingConfig):
@@ -74,7 +59,12 @@ class EncodeConfig(EncodingConfig):
     @classmethod
     def _toy_codecs(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("toy_codecs"):
-            resolved = toy_codec_configs(data["toy_codecs"])
+            from omniflow.toy.codecs import toy_codec_configs
+
+            try:
+                resolved = toy_codec_configs(data["toy_codecs"])
+            except ValueError as err:
+                raise ValueError(f"toy_codecs: {err}") from None
             # a dumped config (a manifest's) holds both, the same: that one validates again
             if data.get("codecs") and data["codecs"] != resolved:
                 raise ValueError("set either codecs or toy_codecs, not both")
@@ -259,14 +249,7 @@ def run(config: EncodeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser("python -m jobs.encode", __doc__).parse_args(argv)
-    try:
-        config = load_config(EncodeConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    run(config)
-    return 0
+    return job_main(EncodeConfig, run, argv, prog="python -m jobs.encode", description=__doc__)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from jobs.common import ConfigError, Progress, config_hash, dumps, job_parser, load_config, package_versions
+from jobs.common import Progress, config_hash, dumps, job_main, package_versions
 from omniflow.merge import MERGE_FILE, MergeConfig, MergeError, merge_model_dirs
 from omniflow.model_dir import STATE_FILE
 from pipelines import storage as st
@@ -99,18 +99,7 @@ def run(config: MergeJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser("python -m jobs.merge", __doc__).parse_args(argv)
-    try:
-        config = load_config(MergeJobConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        run(config)
-    except (MergeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return job_main(MergeJobConfig, run, argv, prog="python -m jobs.merge", description=__doc__, errors=(MergeError, FileNotFoundError))
 
 
 if __name__ == "__main__":

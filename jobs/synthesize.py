@@ -36,8 +36,7 @@ from jobs.common import (
     config_hash,
     dumps,
     init_ray,
-    job_parser,
-    load_config,
+    job_main,
     package_versions,
 )
 from pipelines import storage as st
@@ -256,14 +255,7 @@ def run(config: SynthesizeConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser("python -m jobs.synthesize", __doc__).parse_args(argv)
-    try:
-        config = load_config(SynthesizeConfig, args.config, args.overrides)
-        run(config)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return job_main(SynthesizeConfig, run, argv, prog="python -m jobs.synthesize", description=__doc__)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -38,13 +37,14 @@ from jobs.common import (
     config_hash,
     dumps,
     init_ray,
+    job_main,
     load_config,
     package_versions,
     parse_overrides,
 )
 from jobs.train_config import TrainConfig
 from pipelines import storage as st
-from pipelines.mixing import DatasetSpec, source_filter, stream_weights
+from pipelines.mixing import DatasetSpec, stream_weights
 from pipelines.schema import LATENT_MODALITIES, latent_column
 from pipelines.writer import read_parts
 
@@ -68,11 +68,19 @@ class LatentDataset:
         self.parts = manifest["outputs"]["latents"]
         shapes = manifest["latents"]["shapes"]
         self.latent_shapes = {m: tuple(shapes[latent_column(m)]) for m in LATENT_MODALITIES if latent_column(m) in shapes}
-        table = read_parts(self.parts, storage, columns=["source", "source_weight"])
-        sources = table.column("source").to_numpy(zero_copy_only=False) if table is not None else np.array([])
-        weights = table.column("source_weight").to_numpy(zero_copy_only=False) if table is not None else np.array([])
-        self.rows = {s: int((sources == s).sum()) for s in sorted(set(sources))}
-        self.source_weights = {s: float(weights[sources == s].mean()) for s in self.rows}
+        self.parts_of: dict[str, list[str]] = {}  # source -> the parts holding its rows
+        rows: dict[str, int] = {}
+        weight_sums: dict[str, float] = {}
+        for part in self.parts:
+            table = read_parts([part], storage, columns=["source", "source_weight"])
+            sources = table.column("source").to_numpy(zero_copy_only=False)
+            weights = table.column("source_weight").to_numpy(zero_copy_only=False)
+            for s in set(sources):
+                self.parts_of.setdefault(s, []).append(part)
+                rows[s] = rows.get(s, 0) + int((sources == s).sum())
+                weight_sums[s] = weight_sums.get(s, 0.0) + float(weights[sources == s].sum())
+        self.rows = {s: rows[s] for s in sorted(rows)}
+        self.source_weights = {s: weight_sums[s] / rows[s] for s in self.rows}
         if spec.sources is not None:
             missing = sorted(set(spec.sources) - set(self.rows))
             if missing:
@@ -81,16 +89,18 @@ class LatentDataset:
             self.source_weights = {s: self.source_weights[s] for s in spec.sources}
 
     def ray_datasets(self, storage: st.StorageConfig) -> dict[str, "ray.data.Dataset"]:
-        """One Ray dataset per source, named `<dataset>.<source>`."""
+        """One Ray dataset per source, named `<dataset>.<source>`: each reads only the parts that hold
+        its source, and the source predicate is pushed into the Parquet scan."""
         import ray.data
+        from ray.data.expressions import col
 
         fs = _arrow_filesystem(self.parts[0], storage)
-        paths = [p.removeprefix("s3://") for p in self.parts] if fs is not None else self.parts
         out = {}
         for source in self.rows:
-            ds = ray.data.read_parquet(paths, filesystem=fs)
-            if len(self.rows) > 1 or self.spec.sources is not None:
-                ds = ds.map_batches(source_filter([source]), batch_format="pyarrow")
+            parts = self.parts_of[source]
+            ds = ray.data.read_parquet([p.removeprefix("s3://") for p in parts] if fs is not None else parts, filesystem=fs)
+            if len(self.parts_of) > 1:
+                ds = ds.filter(expr=col("source") == source)
             out[f"{self.spec.name}.{source}"] = ds
         return out
 
@@ -250,27 +260,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load(args: argparse.Namespace) -> TrainConfig:
+    if not args.resume:
+        return load_config(TrainConfig, args.config, args.overrides)
+    if args.config:
+        raise ConfigError("give --config or --resume, not both")
+    # an s3:// run directory is read with the storage.* settings given as overrides
+    storage = st.StorageConfig(**parse_overrides(args.overrides).get("storage", {}))
+    saved = st.join(args.resume, CONFIG_FILE)
+    if not st.exists(saved, storage):
+        raise ConfigError(f"{args.resume} has no {CONFIG_FILE}: not a run directory of this job")
+    return load_config(TrainConfig, json.loads(st.read_bytes(saved, storage)), args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        if args.resume:
-            if args.config:
-                raise ConfigError("give --config or --resume, not both")
-            # an s3:// run directory is read with the storage.* settings given as overrides
-            storage = st.StorageConfig(**parse_overrides(args.overrides).get("storage", {}))
-            saved = st.join(args.resume, CONFIG_FILE)
-            if not st.exists(saved, storage):
-                raise ConfigError(f"{args.resume} has no {CONFIG_FILE}: not a run directory of this job")
-            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-                f.write(st.read_bytes(saved, storage).decode())
-            config = load_config(TrainConfig, f.name, args.overrides)
-        else:
-            config = load_config(TrainConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    run(config)
-    return 0
+    return job_main(TrainConfig, run, argv, prog="python -m jobs.train", description=__doc__, parser=parser(), load=_load)
 
 
 if __name__ == "__main__":

@@ -390,16 +390,11 @@ class LatentEncoder:
         column = IMAGE_PIXELS if modality == Modality.IMAGE else AUDIO_WAVE
         return torch.from_numpy(tensor_rows(batch, column)[rows])
 
-    def _pooled_inputs(self, modality: Modality, inputs: "list[str] | torch.Tensor") -> list:
-        """What a pooled encoder's `embed` takes, made from the codec's inputs."""
-        import torch
+    def _pooled(self, modality: Modality, inputs: "list[str] | torch.Tensor") -> list:
+        from omniflow.codecs.pooled import pooled_inputs
 
-        if modality == Modality.IMAGE:  # (B, 3, R, R) in [0, 1] -> HxWx3 uint8 images
-            return list((inputs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
-        if modality == Modality.AUDIO:
-            rate = self.codecs[Modality.AUDIO].sample_rate
-            return [(wave.numpy(), rate) for wave in inputs]
-        return inputs
+        rate = self.codecs[Modality.AUDIO].sample_rate if modality == Modality.AUDIO else None
+        return pooled_inputs(modality, inputs, rate)
 
     def _column(self, name: str, shape: tuple[int, ...], n: int, rows: np.ndarray, results: list,
                 stage: list, reason: list) -> tuple[np.ndarray, np.ndarray]:
@@ -437,7 +432,7 @@ class LatentEncoder:
             columns[name] = self._column(name, tuple(codec.latent_shape), n, rows, results, stage, reason)
             if modality in self.pooled:
                 pooled = self.pooled[modality]
-                results = encode_rows(pooled.embed, self._pooled_inputs(modality, inputs)) if len(rows) else []
+                results = encode_rows(pooled.embed, self._pooled(modality, inputs)) if len(rows) else []
                 name = pooled_column(modality.value)
                 columns[name] = self._column(name, (int(pooled.config.pooled_dim),), n, rows, results, stage, reason)
         rejected = np.array([r is not None for r in reason], bool)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from omniflow.modality import MODALITIES, Modality
@@ -232,16 +231,6 @@ def to_batch(table: pa.Table, tasks: list[Task]) -> Batch:
     latents = {m.value: tensors[latent_column(m.value)] for m in MODALITIES if latent_column(m.value) in tensors}
     pooled = {m.value: tensors[pooled_column(m.value)] for m in MODALITIES if pooled_column(m.value) in tensors}
     return Batch(latents=latents, tasks=tasks, pooled=pooled)
-
-
-def source_filter(sources: Sequence[str]) -> Callable[[pa.Table], pa.Table]:
-    """A Ray Data batch function keeping the rows of `sources`."""
-    wanted = pa.array(list(sources), pa.string())
-
-    def keep(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch.column("source"), value_set=wanted))
-
-    return keep
 
 
 def stream_weights(specs: Sequence[DatasetSpec], source_weights: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

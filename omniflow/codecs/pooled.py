@@ -39,6 +39,16 @@ def pad_pooled(embeds: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(embeds, (0, width - embeds.shape[-1]))
 
 
+def pooled_inputs(modality: Modality, inputs: "Sequence[str] | torch.Tensor", sample_rate: int | None = None) -> list:
+    """What a pooled encoder's `embed` takes, made from the codec's inputs: captions as they are,
+    pixels (B, 3, R, R) in [0, 1] as HxWx3 uint8 images, waveforms (B, N) as (wave, sample_rate)."""
+    if modality == Modality.IMAGE:
+        return list((inputs.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
+    if modality == Modality.AUDIO:
+        return [(wave.numpy(), sample_rate) for wave in inputs]
+    return list(inputs)
+
+
 class PooledEncoder(ABC):
     """A batch of one modality's media -> pooled vectors (B, pooled_dim)."""
 

@@ -192,11 +192,18 @@ def round_trip_accuracy(codecs: dict[Modality, object], data: ShapesData) -> dic
     }
 
 
+def toy_codec_configs(root: str | Path) -> dict[str, dict]:
+    """The codec configs in `root/codecs.json` with their paths made absolute: what `build_codec`
+    (or a job's `codecs` setting) takes."""
+    root = Path(root).resolve()
+    if not (root / MANIFEST).is_file():
+        raise ValueError(f"{root} has no {MANIFEST}; build it with `python -m omniflow.toy build-codecs --out {root}`")
+    return {m: _resolve(c, root) for m, c in json.loads((root / MANIFEST).read_text())["codecs"].items()}
+
+
 def load_toy_codecs(root: str | Path) -> dict[Modality, object]:
     """The codecs described by `root/codecs.json`, loaded through the ordinary codec registry."""
-    root = Path(root)
-    manifest = json.loads((root / MANIFEST).read_text())
-    return {Modality(m): build_codec(_resolve(c, root)) for m, c in manifest["codecs"].items()}
+    return {Modality(m): build_codec(c) for m, c in toy_codec_configs(root).items()}
 
 
 def build_toy_codecs(

@@ -88,3 +88,45 @@ def torch_generators(seeds: Sequence[int]) -> list:
 
 def empty_text(text: object) -> bool:
     return not isinstance(text, str) or not text.strip()
+
+
+class PromptedPipeline(Generator):
+    """A diffusers pipeline prompted with captions: loaded once, an empty caption becomes a
+    `Failure`, every other caption runs with its own seed in one pipeline call."""
+
+    def __init__(self, modality: ModalityName, pipeline_class: str, config: Any, *, device: str):
+        import diffusers
+        import torch
+
+        from omniflow.codecs.base import load_pretrained
+
+        parameters = config.model_dump(exclude={"type", "path"})
+        super().__init__(modality, name=f"diffusers:{pipeline_class}", checkpoint=config.path, parameters=parameters)
+        self.config = config
+        load = getattr(diffusers, pipeline_class).from_pretrained
+        self.pipe = load_pretrained(load, config.path, dtype=getattr(torch, config.dtype))
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def run_pipeline(self, captions: Sequence[Any], seeds: Sequence[int], **call: Any) -> tuple[list[Output], list[int], Any]:
+        """(outputs with a `Failure` for each empty caption, the rows that ran, the pipeline's result
+        for those rows or None). `call` holds the family's own arguments."""
+        import torch
+
+        outputs: list[Output] = [Failure("caption is empty") for _ in captions]
+        rows = [i for i, caption in enumerate(captions) if not empty_text(caption)]
+        if not rows:
+            return outputs, rows, None
+        negative = getattr(self.config, "negative_prompt", None)
+        if negative:
+            call["negative_prompt"] = [negative] * len(rows)
+        with torch.inference_mode():
+            result = self.pipe(
+                prompt=[captions[i] for i in rows],
+                num_inference_steps=self.config.steps,
+                guidance_scale=self.config.guidance_scale,
+                generator=torch_generators([seeds[i] for i in rows]),
+                output_type="np",
+                **call,
+            )
+        return outputs, rows, result

@@ -13,9 +13,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from omniflow.codecs.base import load_pretrained
 from omniflow.codecs.media import MediaError, check_audio, encode_audio
-from pipelines.generators.base import DType, Failure, Generator, GeneratorSettings, Output, empty_text, torch_generators
+from pipelines.generators.base import DType, Failure, GeneratorSettings, Output, PromptedPipeline
 
 
 class AudioLDM2Settings(GeneratorSettings):
@@ -30,44 +29,19 @@ class AudioLDM2Settings(GeneratorSettings):
     audio_format: Literal["FLAC", "WAV"] = "FLAC"
 
 
-class TextToAudio(Generator):
+class TextToAudio(PromptedPipeline):
     """Captions -> FLAC / WAV bytes with an AudioLDM2 pipeline."""
 
     def __init__(self, config: AudioLDM2Settings, *, device: str = "cpu"):
-        import diffusers
-        import torch
-
-        parameters = config.model_dump(exclude={"type", "path"})
-        super().__init__("audio", name="diffusers:AudioLDM2Pipeline", checkpoint=config.path, parameters=parameters)
-        self.config = config
-        self.pipe = load_pretrained(
-            diffusers.AudioLDM2Pipeline.from_pretrained, config.path, dtype=getattr(torch, config.dtype)
-        )
-        self.pipe.to(device)
-        self.pipe.set_progress_bar_config(disable=True)
+        super().__init__("audio", "AudioLDM2Pipeline", config, device=device)
         self.sample_rate = int(self.pipe.vocoder.config.sampling_rate)
 
     def generate(self, inputs: Sequence, seeds: Sequence[int]) -> list[Output]:
-        import torch
-
-        outputs: list[Output] = [Failure("caption is empty") for _ in inputs]
-        rows = [i for i, caption in enumerate(inputs) if not empty_text(caption)]
-        if not rows:
-            return outputs
         c = self.config
-        extra = {"negative_prompt": [c.negative_prompt] * len(rows)} if c.negative_prompt else {}
-        with torch.inference_mode():
-            waves_NT = self.pipe(
-                prompt=[inputs[i] for i in rows],
-                num_inference_steps=c.steps,
-                guidance_scale=c.guidance_scale,
-                audio_length_in_s=c.audio_length_in_s,
-                max_new_tokens=c.max_new_tokens,
-                generator=torch_generators([seeds[i] for i in rows]),
-                output_type="np",
-                **extra,
-            ).audios
-        for i, wave_T in zip(rows, waves_NT):
+        outputs, rows, result = self.run_pipeline(
+            inputs, seeds, audio_length_in_s=c.audio_length_in_s, max_new_tokens=c.max_new_tokens
+        )
+        for i, wave_T in zip(rows, result.audios if result is not None else []):
             try:
                 outputs[i] = encode_audio(check_audio(wave_T), self.sample_rate, format=c.audio_format)
             except MediaError as err:

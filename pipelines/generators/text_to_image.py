@@ -15,9 +15,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from omniflow.codecs.base import load_pretrained
 from omniflow.codecs.media import encode_image
-from pipelines.generators.base import DType, Failure, Generator, GeneratorSettings, Output, empty_text, torch_generators
+from pipelines.generators.base import DType, Failure, GeneratorSettings, Output, PromptedPipeline
 
 PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 # Latent side x patch size of both families (VAE downsampling 8, patch 2).
@@ -52,44 +51,18 @@ class FluxSettings(_DiffusersImageSettings):
     max_sequence_length: int = Field(512, ge=1, le=512)
 
 
-class TextToImage(Generator):
+class TextToImage(PromptedPipeline):
     """Captions -> PNG bytes with an SD3 or Flux pipeline."""
 
     def __init__(self, config: SD3Settings | FluxSettings, *, device: str = "cpu"):
-        import diffusers
-        import torch
-
-        parameters = config.model_dump(exclude={"type", "path"})
-        super().__init__("image", name=f"diffusers:{PIPELINES[config.type]}", checkpoint=config.path,
-                         parameters=parameters)
-        self.config = config
-        pipeline_class = getattr(diffusers, PIPELINES[config.type])
-        self.pipe = load_pretrained(pipeline_class.from_pretrained, config.path, dtype=getattr(torch, config.dtype))
-        self.pipe.to(device)
-        self.pipe.set_progress_bar_config(disable=True)
+        super().__init__("image", PIPELINES[config.type], config, device=device)
 
     def generate(self, inputs: Sequence, seeds: Sequence[int]) -> list[Output]:
-        import torch
-
-        outputs: list[Output] = [Failure("caption is empty") for _ in inputs]
-        rows = [i for i, caption in enumerate(inputs) if not empty_text(caption)]
-        if not rows:
-            return outputs
         c = self.config
-        extra = {"negative_prompt": [c.negative_prompt] * len(rows)} if getattr(c, "negative_prompt", None) else {}
-        with torch.inference_mode():
-            images_NHWC = self.pipe(
-                prompt=[inputs[i] for i in rows],
-                num_inference_steps=c.steps,
-                guidance_scale=c.guidance_scale,
-                height=c.height,
-                width=c.width,
-                max_sequence_length=c.max_sequence_length,
-                generator=torch_generators([seeds[i] for i in rows]),
-                output_type="np",
-                **extra,
-            ).images
-        for i, image_HWC in zip(rows, images_NHWC):
+        outputs, rows, result = self.run_pipeline(
+            inputs, seeds, height=c.height, width=c.width, max_sequence_length=c.max_sequence_length
+        )
+        for i, image_HWC in zip(rows, result.images if result is not None else []):
             if not np.isfinite(image_HWC).all():
                 outputs[i] = Failure("generated image has NaN or infinite pixels")
             else:
