@@ -78,7 +78,7 @@ def generate(
     steps: int = 28,
     shift: float | Mapping[str, float] = 3.0,
     guidance: Guidance = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     absent_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[Modality, torch.Tensor]:
     """Generate a task's target latents by Euler integration from t = 1 to t = 0.
@@ -93,7 +93,10 @@ def generate(
         shift: SD3 schedule shift, one value or one per target modality.
         guidance: one classifier-free guidance weight, or one weight per condition modality
             (the multi-modal rule; see `omniflow.guidance.multimodal_guidance`).
-        generator: the only source of randomness; equal seeds give equal outputs.
+        generator: the only source of randomness; equal seeds give equal outputs. A sequence holds
+            one generator per sample: each sample's noise is then drawn from its own generator
+            alone, so a sample does not depend on the others in its batch (what batched serving
+            needs).
         absent_shapes: modality -> shape without batch for absent modalities to feed as noise at
             t = 1 (the reference's behaviour); absent modalities not listed are skipped.
 
@@ -114,10 +117,16 @@ def generate(
         batch_size = next(iter(conditions.values())).shape[0]
     elif batch_size is None:
         raise ValueError("batch_size is required when the task has no conditions")
+    per_sample = generator is not None and not isinstance(generator, torch.Generator)
+    if per_sample and len(generator) != batch_size:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch_size}; give one per sample")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
 
     def noise(shape: Sequence[int]) -> torch.Tensor:
+        if per_sample:
+            draws = [torch.randn((1, *shape), generator=g, device=g.device) for g in generator]
+            return torch.cat(draws).to(device, dtype)
         draw_on = generator.device if generator is not None else device
         return torch.randn((batch_size, *shape), generator=generator, device=draw_on).to(device, dtype)
 

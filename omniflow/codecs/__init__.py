@@ -1,5 +1,13 @@
 """Modality codecs (media <-> latents) and pooled-vector encoders, built from configs by kind."""
 
-from omniflow.codecs.base import Codec, CodecConfig, build_codec, codec_kinds, load_pretrained, register_codec
+from omniflow.codecs.base import (
+    Codec,
+    CodecConfig,
+    build_codec,
+    codec_config,
+    codec_kinds,
+    load_pretrained,
+    register_codec,
+)
 
-__all__ = ["Codec", "CodecConfig", "build_codec", "codec_kinds", "load_pretrained", "register_codec"]
+__all__ = ["Codec", "CodecConfig", "build_codec", "codec_config", "codec_kinds", "load_pretrained", "register_codec"]

@@ -96,6 +96,21 @@ def codec_kinds() -> list[str]:
     return sorted(set(_REGISTRY) | set(_BUILTIN))
 
 
+def _codec_class(kind: Any) -> type:
+    if kind not in _REGISTRY and kind in _BUILTIN:
+        importlib.import_module(_BUILTIN[kind])
+    if kind not in _REGISTRY:
+        raise ValueError(f"codec kind {kind!r} is not registered; known kinds: {codec_kinds()}")
+    return _REGISTRY[kind]
+
+
+def codec_config(config: CodecConfig | dict) -> CodecConfig:
+    """Validate a codec config (a dict from YAML, or a config object) without loading any weights:
+    what preparing a codec's inputs needs (image resolution, mel settings)."""
+    raw = config.model_dump() if isinstance(config, BaseModel) else dict(config)
+    return _codec_class(raw.get("kind")).config_class.model_validate(raw)
+
+
 def build_codec(config: CodecConfig | dict) -> Any:
     """Validate a codec config (a dict from YAML, or a config object) and load the codec.
 
@@ -103,14 +118,8 @@ def build_codec(config: CodecConfig | dict) -> Any:
         >>> codec = build_codec({"kind": "sd3-vae", "path": "stabilityai/stable-diffusion-3-medium-diffusers",
         ...                      "subfolder": "vae", "resolution": 512})
     """
-    raw = config.model_dump() if isinstance(config, BaseModel) else dict(config)
-    kind = raw.get("kind")
-    if kind not in _REGISTRY and kind in _BUILTIN:
-        importlib.import_module(_BUILTIN[kind])
-    if kind not in _REGISTRY:
-        raise ValueError(f"codec kind {kind!r} is not registered; known kinds: {codec_kinds()}")
-    cls = _REGISTRY[kind]
-    return cls(cls.config_class.model_validate(raw))
+    config = codec_config(config)
+    return _codec_class(config.kind)(config)
 
 
 def load_pretrained(loader: Callable[..., Any], path: str, *, subfolder: str | None = None, **kwargs) -> Any:
