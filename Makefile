@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m omniflow.demo --out runs/demo
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.demo --out runs/demo
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest

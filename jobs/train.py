@@ -134,6 +134,19 @@ def _run_config(config: TrainConfig):
     )
 
 
+def _worker_config(config: TrainConfig) -> dict:
+    """The config as workers get it: a local `model.init` made absolute (workers run in another
+    working directory)."""
+    dumped = config.model_dump(mode="json")
+    init = config.model.init
+    if init is not None:
+        prefix = "sd3:" if init.startswith("sd3:") else ""
+        path = init.removeprefix(prefix)
+        if st.scheme(path) == "file" and Path(path).exists():
+            dumped["model"]["init"] = prefix + str(Path(path).resolve())
+    return dumped
+
+
 def _local_logs(config: TrainConfig) -> tuple[str | None, str | None]:
     """(TensorBoard dir, metrics.jsonl path) on the local disk, or None for a remote run without one."""
     if config.log.tensorboard_dir is not None:
@@ -180,7 +193,7 @@ def run(config: TrainConfig) -> dict:
 
     tensorboard_dir, metrics_log = _local_logs(config)
     loop_config = {
-        "config": config.model_dump(mode="json"),
+        "config": _worker_config(config),
         "streams": streams,
         "latent_shapes": {m: list(s) for m, s in shapes.items()},
         "validation_rows": val_data.first_rows(config.validation.rows, storage),

@@ -16,8 +16,9 @@ from pipelines.mixing import DatasetSpec
 class ModelSpec(BaseModel):
     """The transformer to train: a preset with overrides, or weights to start from.
 
-    `init`: a model directory, a training checkpoint directory (its EMA weights with
-    `init_ema`), or `sd3:<path or hub id>` to convert SD3's MMDiT (image and text streams).
+    `init`: a model directory or a training checkpoint directory (its EMA weights with
+    `init_ema`), local or s3://, or `sd3:<path or hub id>` to convert SD3's MMDiT (image and text
+    streams).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -90,6 +91,8 @@ class TrainConfig(BaseModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="intra-op threads per worker; default: Ray's (the worker's reserved CPUs)")
     prefetch_batches: int = Field(2, ge=0)
     cache_mb_per_stream: float = Field(
         256, ge=0, description="a stream whose whole epoch fits in this much memory is replayed from memory afterwards"

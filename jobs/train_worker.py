@@ -44,6 +44,7 @@ from omniflow.parallelize import (
 )
 from omniflow.presets import build_transformer, model_cost
 from omniflow.training import Batch, build_optimizer, build_scheduler, train_step, validation_loss
+from pipelines import storage as st
 from pipelines.mixing import MixedBatches, Stream, task_choice, presence, to_batch
 from jobs.train_config import ModelSpec, TrainConfig
 
@@ -51,14 +52,19 @@ from jobs.train_config import ModelSpec, TrainConfig
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
-def build_model(spec: ModelSpec) -> torch.nn.Module:
-    """The transformer `spec` describes, on the CPU in float32."""
+def build_model(spec: ModelSpec, storage: st.StorageConfig) -> torch.nn.Module:
+    """The transformer `spec` describes, on the CPU in float32. An s3:// `init` is downloaded to a
+    temporary directory first."""
     if spec.init is None:
         return build_transformer(spec.preset, **spec.overrides)
     if spec.init.startswith("sd3:"):
         from omniflow.convert.sd3 import transformer_from_sd3
 
         return transformer_from_sd3(spec.init.removeprefix("sd3:"), **spec.overrides)
+    if st.scheme(spec.init) != "file":
+        with tempfile.TemporaryDirectory(prefix="init-") as local:
+            st.download_dir(spec.init, local, storage)
+            return build_model(spec.model_copy(update={"init": local}), storage)
     if is_training_checkpoint(spec.init):
         state = load_training_checkpoint(spec.init, optimizer=False)
         return model_from_state_dict(state["model_config"], checkpoint_weights(state, use_ema=spec.init_ema))
@@ -119,13 +125,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     config = TrainConfig.model_validate(loop_config["config"])
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(config.seed)
 
-    model = build_model(config.model)
+    model = build_model(config.model, config.storage)
     model_config = transformer_config(model)
     start_step, position = 0, None
     checkpoint = ray.train.get_checkpoint()

@@ -37,9 +37,29 @@ def ray_cluster(s3_server):
 
 
 @pytest.fixture(scope="session")
-def toy_codecs(tmp_path_factory):
-    """The default toy codecs, built once per test session (about three minutes on 2 CPU cores)."""
+def toy_dir(tmp_path_factory):
+    """One directory for the session's toy models, laid out as `runs/toy/` (clip/, codecs/)."""
+    return tmp_path_factory.mktemp("toy")
+
+
+@pytest.fixture(scope="session")
+def toy_codecs(toy_dir):
+    """The default toy codecs, built once per session (about three minutes on 2 CPU cores)."""
     from omniflow.toy.codecs import build_toy_codecs
 
-    out = tmp_path_factory.mktemp("toy") / "codecs"
+    out = toy_dir / "codecs"
     return out, build_toy_codecs(out)
+
+
+@pytest.fixture(scope="session")
+def toy_clip(toy_dir):
+    """The default toy CLIP and aesthetic head, built once per session (about 40 s on 2 CPU cores)."""
+    from omniflow.toy.clip import build_toy_clip
+
+    out = toy_dir / "clip"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return out, build_toy_clip(out)
+    finally:
+        torch.set_num_threads(threads)

@@ -106,13 +106,9 @@ def test_bad_config_names_the_field(tmp_path, capsys):
     assert "sources" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def toy_clip_dir(tmp_path_factory):
-    from omniflow.toy.clip import build_toy_clip
-
-    out = tmp_path_factory.mktemp("toy") / "clip"
-    build_toy_clip(out)
-    return out
+@pytest.fixture
+def toy_clip_dir(toy_clip) -> Path:
+    return toy_clip[0]
 
 
 def _toy_clip_config(clip_dir: Path) -> dict:

@@ -29,18 +29,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def toy_clip(tmp_path_factory):
-    """The default toy CLIP and aesthetic head, built once per session (about 40 s on 2 CPU cores)."""
-    out = tmp_path_factory.mktemp("toy") / "clip"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return out, build_toy_clip(out)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_matched_pairs_outscore_mismatched_ones(toy_clip):
     out, manifest = toy_clip
     print(json.dumps(manifest["clip_eval"]), manifest["seconds"])

@@ -1,0 +1,272 @@
+"""The whole flow on ShapesWorld on this machine, with tiny models: what `make demo` runs.
+
+    python -m jobs.demo                       # writes runs/demo/
+    python -m jobs.demo --out runs/demo2 data_scale=0.25 steps.stage3=200 quality.samples=50
+
+One local Ray cluster runs every stage, each the job a user runs on a cluster, with the ShapesWorld
+configs of `configs/` pointed into the output directory:
+
+    toy CLIP + toy codecs (runs/toy/, cached) -> curate (planted defects) -> synthesize -> encode
+    -> train stage 1 (image-text) and stage 2 (text-audio) -> merge -> train stage 3 (any-to-any)
+    -> serve the model and query every task over HTTP -> measure quality -> report
+
+A stage whose manifest exists with the same config hash is reused, so a rerun (or one after an
+interruption) redoes only what changed. Output `<out>/`:
+    curated/ triplets/ latents/ train/ merge/   each stage's output and manifest.json
+    samples/                                    what the service answered per task (PNG, WAV, TXT)
+    metrics.json                                quality per task (colour, shape, both), curation
+                                                counts, training and serving figures, stage timings
+    report.html                                 samples, spectrograms with players, captions, loss
+                                                curves, curation histograms and counts
+"""
+
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.common import Progress, RayConfig, config_hash, dumps, init_ray, job_main, load_config
+from omniflow.shapesworld.quality import QualityConfig
+from omniflow.tasks import BUILTIN_TASKS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TOY = "runs/toy/"  # where the configs expect the toy CLIP and codecs
+
+
+class StageSteps(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stage1: int = Field(120, ge=1)
+    stage2: int = Field(120, ge=1)
+    stage3: int = Field(700, ge=1)
+
+
+class DemoConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    out: str = "runs/demo"
+    toy: str = Field("runs/toy", description="where the toy CLIP and codecs are built (once) and read from")
+    data_scale: float = Field(0.5, gt=0, le=4, description="multiplies the ShapesWorld sources' sample counts")
+    steps: StageSteps = Field(default_factory=StageSteps)
+    batch_size: int = Field(64, ge=1)
+    train_overrides: list[str] = Field(default_factory=list, description="key=value for every training stage")
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    serve_samples: int = Field(2, ge=1, le=8, description="outputs per task asked of the service for the report")
+    serve_steps: int = Field(20, ge=1)
+    ray: RayConfig = Field(default_factory=lambda: RayConfig(num_cpus=2))
+
+
+def _stage_config(model: type[BaseModel], file: str, out: str, toy: str, edit: Callable[[dict], None] | None = None,
+                  overrides: tuple[str, ...] = ()) -> Any:
+    """A config of `configs/`, its `runs/shapesworld/` paths moved under `out` (and `runs/toy/` to
+    `toy`), edited, validated."""
+    raw = (CONFIGS / file).read_text().replace("runs/shapesworld/", f"{out.rstrip('/')}/")
+    raw = raw.replace(TOY, f"{toy.rstrip('/')}/")
+    data = yaml.safe_load(raw)
+    if edit:
+        edit(data)
+    return load_config(model, data, overrides)
+
+
+def _reuse(manifest_path: Path, config: BaseModel) -> dict | None:
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("config_hash") == config_hash(config):
+            return manifest
+    return None
+
+
+class Demo:
+    def __init__(self, config: DemoConfig):
+        self.config, self.out = config, Path(config.out)
+        self.progress = Progress("demo")
+        self.timings: dict[str, float] = {}
+        self.reused: list[str] = []
+
+    def stage(self, name: str, config: BaseModel, manifest_path: Path, run: Callable[[Any], dict],
+              follow: Path | None = None) -> dict:
+        """Run a job, or reuse its output; `follow` is a metrics.jsonl whose lines are shown as they come."""
+        manifest = _reuse(manifest_path, config)
+        if manifest is not None:
+            self.progress.log(f"{name}: reusing {manifest_path.parent} (same config)")
+            self.reused.append(name)
+            return manifest
+        self.progress.log(f"{name}: running")
+        start = time.perf_counter()
+        stop = threading.Event()
+        if follow is not None:
+            threading.Thread(target=self._follow, args=(follow, stop), daemon=True).start()
+        try:
+            manifest = run(config)
+        finally:
+            stop.set()
+        self.timings[name] = round(time.perf_counter() - start, 1)
+        self.progress.log(f"{name}: done in {self.timings[name]} s")
+        return manifest
+
+    def run(self) -> dict:
+        from jobs import curate, encode, merge, synthesize, train
+        from jobs.train_config import TrainConfig
+
+        c, out = self.config, str(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        self.progress.phase(f"toy models (built once into {c.toy})")
+        t0 = time.perf_counter()
+        self._toy_models()
+        self.timings["toy models"] = round(time.perf_counter() - t0, 1)
+        init_ray(c.ray.num_cpus)
+
+        def scale(data: dict) -> None:
+            for source in data["sources"]:
+                source["samples"] = max(50, round(source["samples"] * c.data_scale))
+
+        manifests = {}
+        cfg = _stage_config(curate.CurateConfig, "curate_shapesworld.yaml", out, c.toy, scale)
+        manifests["curate"] = self.stage("curate", cfg, Path(cfg.output) / "manifest.json", curate.run)
+        cfg = _stage_config(synthesize.SynthesizeConfig, "synthesize_shapesworld.yaml", out, c.toy)
+        manifests["synthesize"] = self.stage("synthesize", cfg, Path(cfg.output) / "manifest.json", synthesize.run)
+        cfg = _stage_config(encode.EncodeConfig, "encode_shapesworld.yaml", out, c.toy)
+        manifests["encode"] = self.stage("encode", cfg, Path(cfg.output) / "manifest.json", encode.run)
+        for stage in ("stage1", "stage2"):
+            cfg = _stage_config(TrainConfig, f"train_shapesworld_{stage}.yaml", out, c.toy,
+                                overrides=(f"steps={getattr(c.steps, stage)}", f"batch_size={c.batch_size}",
+                                           *c.train_overrides))
+            manifests[stage] = self.stage(f"train {stage}", cfg, Path(cfg.run_dir) / "manifest.json", train.run,
+                                          follow=Path(cfg.run_dir) / "metrics.jsonl")
+        cfg = _stage_config(merge.MergeJobConfig, "merge_shapesworld.yaml", out, c.toy)
+        manifests["merge"] = self.stage("merge", cfg, Path(cfg.output) / "manifest.json", merge.run)
+        cfg = _stage_config(TrainConfig, "train_shapesworld_stage3.yaml", out, c.toy,
+                            overrides=(f"steps={c.steps.stage3}", f"batch_size={c.batch_size}", *c.train_overrides))
+        manifests["stage3"] = self.stage("train stage3", cfg, Path(cfg.run_dir) / "manifest.json", train.run,
+                                         follow=Path(cfg.run_dir) / "metrics.jsonl")
+        model_dir = manifests["stage3"]["model_dir"]
+
+        self.progress.phase("serving the model and querying every task over HTTP")
+        t0 = time.perf_counter()
+        served = self._serve_and_query(model_dir)
+        self.timings["serve"] = round(time.perf_counter() - t0, 1)
+
+        self.progress.phase(f"quality: {c.quality.samples} held-out samples per task")
+        t0 = time.perf_counter()
+        quality = self._quality(model_dir)
+        self.timings["quality"] = round(time.perf_counter() - t0, 1)
+
+        metrics = {
+            "quality": quality,
+            "curation": manifests["curate"]["counts"],
+            "synthesis": manifests["synthesize"]["counts"],
+            "encoding": manifests["encode"]["counts"],
+            "training": {s: manifests[s].get("final_metrics", {}) for s in ("stage1", "stage2", "stage3")},
+            "serving": served,
+            "model_dir": model_dir,
+            "stage_seconds": self.timings,
+            "reused_stages": self.reused,
+            "total_seconds": round(time.perf_counter() - start, 1),
+            "config": c.model_dump(mode="json"),
+        }
+        (self.out / "metrics.json").write_bytes(dumps(metrics))
+        self.progress.phase("report")
+        from jobs.demo_report import write_report
+
+        write_report(self.out, metrics, manifests)
+        self.progress.log(f"wrote {self.out / 'report.html'} and {self.out / 'metrics.json'}")
+        for task, result in quality["tasks"].items():
+            self.progress.log(f"  {task:5s} both {result['both']:.3f}  colour {result['colour']:.3f}  "
+                              f"shape {result['shape']:.3f}")
+        self.progress.log(f"total {metrics['total_seconds']} s")
+        return metrics
+
+    def _follow(self, metrics_log: Path, stop: threading.Event) -> None:
+        """Log each new line of a training run's metrics.jsonl (workers' own output is not shown)."""
+        seen = 0
+        while not stop.wait(2.0):
+            if not metrics_log.is_file():
+                continue
+            lines = metrics_log.read_text().splitlines()
+            for line in lines[seen:]:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line being written
+                    break
+                val = f", val {r['val/loss']:.4f}" if "val/loss" in r else ""
+                self.progress.log(f"  step {r['step']}: loss {r['loss']:.4f}{val}, {r['samples_per_s']:.0f} samples/s")
+                seen += 1
+
+    def _toy_models(self) -> None:
+        from omniflow.toy.clip import build_toy_clip
+        from omniflow.toy.codecs import build_toy_codecs
+
+        build_toy_clip(Path(self.config.toy) / "clip")
+        build_toy_codecs(Path(self.config.toy) / "codecs")
+
+    def _serve_and_query(self, model_dir: str) -> dict:
+        """Deploy the service on the local cluster, ask every task over HTTP, save the answers."""
+        from ray import serve
+
+        from omniflow.shapesworld.defects import make_records
+        from serve.app import build_app
+        from serve.client import Client, write_outputs
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"model": model_dir}), name="omniflow", route_prefix="/")
+        client = Client(f"http://127.0.0.1:{port}")
+        record = make_records(1, seed=self.config.quality.scene_seed + 1)[0]
+        fields = {"text": record["caption"], "image": record["image"], "audio": record["audio"]}
+        samples = self.out / "samples"
+        answers = {"inputs": {"caption": record["caption"], "concept": f"{record['colour']} {record['shape']}"},
+                   "tasks": {}}
+        (samples).mkdir(parents=True, exist_ok=True)
+        (samples / "input.png").write_bytes(record["image"])
+        (samples / "input.wav").write_bytes(record["audio"])
+        try:
+            for task, spec in BUILTIN_TASKS.items():
+                inputs = {m.value: fields[m.value] for m in spec.conditions}
+                result = client.generate(task, steps=self.config.serve_steps, seed=0,
+                                         num_outputs=self.config.serve_samples,
+                                         guidance=self.config.quality.guidance if inputs else 1.0, **inputs)
+                paths = write_outputs(result, samples)
+                answers["tasks"][task] = {"files": [str(p.relative_to(self.out)) for p in paths], "text": result.text,
+                                          "timings": result.timings}
+                self.progress.log(f"  {task}: {', '.join(p.name for p in paths)} ({result.timings['total_s']:.2f} s)")
+        finally:
+            serve.shutdown()
+        return answers
+
+    def _quality(self, model_dir: str) -> dict:
+        from omniflow.inference import AnyToAny
+        from omniflow.shapesworld.quality import evaluate
+
+        pipe = AnyToAny.load(model_dir)
+        return evaluate(pipe, self.config.quality, log=lambda m: self.progress.log(f"  {m}"))
+
+
+def run(config: DemoConfig) -> dict:
+    return Demo(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="DemoConfig fields, e.g. data_scale=0.25 steps.stage3=300 quality.samples=50")
+
+    def load(args) -> DemoConfig:
+        return load_config(DemoConfig, {"out": args.out}, args.overrides)
+
+    return job_main(DemoConfig, run, argv, prog="python -m jobs.demo", description=__doc__, parser=parser, load=load)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

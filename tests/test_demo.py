@@ -1,0 +1,96 @@
+"""The whole flow at a small scale, as `make demo` runs it: curate -> synthesize -> encode ->
+stage 1 (image-text) and stage 2 (text-audio) training -> merge -> stage 3 any-to-any fine-tuning
+-> serve and query every task over HTTP -> quality -> report; then a rerun that reuses every stage."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.demo import DemoConfig, run
+from omniflow.merge import stream_of
+from omniflow.model_dir import load_model_dir
+from omniflow.modality import Modality
+from omniflow.shapesworld.concepts import Concept
+from omniflow.shapesworld.defects import make_records
+from omniflow.shapesworld.checkers import concept_accuracy
+from omniflow.shapesworld.quality import EVAL_TASKS, read_concepts
+from omniflow.tasks import BUILTIN_TASKS
+
+STAGES = ["curate", "synthesize", "encode", "train stage1", "train stage2", "merge", "train stage3"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, toy_dir, toy_codecs, toy_clip, ray_cluster) -> tuple[DemoConfig, dict]:
+    config = DemoConfig.model_validate({
+        "out": str(tmp_path_factory.mktemp("demo")), "toy": str(toy_dir), "data_scale": 0.05,
+        "steps": {"stage1": 8, "stage2": 8, "stage3": 12}, "batch_size": 16,
+        "train_overrides": ["log.every=4", "checkpoint.every=100", "validation.rows=16"],
+        "quality": {"samples": 10, "steps": 3, "batch_size": 10}, "serve_samples": 1, "serve_steps": 3,
+    })
+    return config, run(config)
+
+
+def test_every_stage_runs_and_metrics_hold_every_task(demo):
+    config, metrics = demo
+    out = Path(config.out)
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    assert metrics["reused_stages"] == [] and set(STAGES) <= set(metrics["stage_seconds"])
+    assert list(metrics["quality"]["tasks"]) == list(EVAL_TASKS)
+    for task, result in metrics["quality"]["tasks"].items():
+        assert result["samples"] == 10
+        assert all(0.0 <= result[k] <= 1.0 for k in ("colour", "shape", "both", "unknown")), task
+        assert result["both"] <= min(result["colour"], result["shape"])
+    assert {"shapes-image-text", "shapes-audio-text", "shapes-image-audio"} == set(metrics["curation"])
+    assert all(c["rejected"] > 0 for c in metrics["curation"].values())  # the planted defects
+    final = metrics["training"]["stage3"]
+    assert {"task/t2i", "task/a2t"} <= set(final) and torch.isfinite(torch.tensor(final["val/loss"]))
+
+
+def test_the_merged_model_is_its_definition(demo):
+    config, metrics = demo
+    train = Path(config.out) / "train"
+    one, two, both = (load_model_dir(p, dtype=torch.float32) for p in
+                      (train / "stage1" / "model", train / "stage2" / "model", Path(config.out) / "merge" / "model"))
+    assert set(one.streams) == {"image", "text"} and set(two.streams) == {"text", "audio"}
+    assert set(both.streams) == {"image", "text", "audio"}
+    s1, s2, sm = one.state_dict(), two.state_dict(), both.state_dict()
+    for name, value in sm.items():
+        expected = {"image": lambda: s1[name], "audio": lambda: s2[name],
+                    "text": lambda: (s1[name] + s2[name]) / 2}[stream_of(name)]()
+        torch.testing.assert_close(value, expected, msg=name)
+
+
+def test_service_answered_every_task_and_the_report_shows_it(demo):
+    config, metrics = demo
+    out = Path(config.out)
+    answers = metrics["serving"]["tasks"]
+    assert set(answers) == set(BUILTIN_TASKS)
+    for task, answer in answers.items():
+        suffixes = {Path(f).suffix for f in answer["files"]}
+        expected = {{"image": ".png", "audio": ".wav", "text": ".txt"}[m.value] for m in BUILTIN_TASKS[task].targets}
+        assert suffixes == expected and all((out / f).is_file() for f in answer["files"]), task
+    report = (out / "report.html").read_text()
+    assert report.count("<audio controls") >= 1 + sum(".wav" in f for a in answers.values() for f in a["files"])
+    assert all(f"<h3>{task}</h3>" in report for task in BUILTIN_TASKS)
+    files = [f for a in answers.values() for f in a["files"]]
+    wavs, pngs = sum(f.endswith(".wav") for f in files), sum(f.endswith(".png") for f in files)
+    # every generated image, a spectrogram per clip, the input image, a loss plot per stage
+    assert report.count("data:image/png;base64") >= pngs + wavs + 1 + 3
+
+
+def test_rerun_reuses_every_stage(demo):
+    config, _ = demo
+    again = run(config)
+    assert again["reused_stages"] == STAGES
+    assert not set(STAGES) & set(again["stage_seconds"])
+
+
+def test_checkers_read_ground_truth_media_as_their_concepts():
+    """The quality measurement itself: real ShapesWorld media read back as their concepts."""
+    records = make_records(30, seed=5)
+    truth = [Concept(r["colour"], r["shape"]) for r in records]
+    for modality, field in ((Modality.IMAGE, "image"), (Modality.AUDIO, "audio"), (Modality.TEXT, "caption")):
+        accuracy = concept_accuracy(read_concepts(modality, [r[field] for r in records]), truth)
+        assert accuracy["both"] == 1.0, modality
