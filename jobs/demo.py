@@ -224,7 +224,7 @@ class Demo:
         samples = self.out / "samples"
         answers = {"inputs": {"caption": record["caption"], "concept": f"{record['colour']} {record['shape']}"},
                    "tasks": {}}
-        (samples).mkdir(parents=True, exist_ok=True)
+        samples.mkdir(parents=True, exist_ok=True)
         (samples / "input.png").write_bytes(record["image"])
         (samples / "input.wav").write_bytes(record["audio"])
         try:

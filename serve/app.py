@@ -63,9 +63,9 @@ def local_model_dir(path: str, storage: st.StorageConfig) -> str:
         return path
     cache = Path(tempfile.gettempdir()) / "omniflow-models" / hashlib.sha256(path.encode()).hexdigest()[:16]
     if not (cache / "config.json").is_file():
-        staging = Path(tempfile.mkdtemp(prefix="download-", dir=cache.parent if cache.parent.exists() else None))
-        st.download_dir(path, staging, storage)
         cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="download-", dir=cache.parent))
+        st.download_dir(path, staging, storage)
         try:
             os.replace(staging, cache)
         except OSError:  # another replica on this machine finished first
@@ -220,6 +220,13 @@ class Frontend:
         self.generator = generator
         self.limits = Limits.model_validate(limits)
         self.prepare = InputPreparer(codecs, max_image_pixels=self.limits.max_image_pixels)
+        self._described: dict | None = None
+
+    async def described(self) -> dict:
+        """The generator's description, asked once (it does not change while the replica lives)."""
+        if self._described is None:
+            self._described = await self.generator.describe.remote()
+        return self._described
 
     @app.get("/healthz", summary="liveness: the ingress and a generator replica answer")
     async def healthz(self) -> dict:
@@ -231,8 +238,7 @@ class Frontend:
 
     @app.get("/v1/models", summary="the served model: tasks, modalities, latent shapes, limits")
     async def models(self) -> dict:
-        described = await self.generator.describe.remote()
-        return {"models": [{**described, "limits": self.limits.model_dump()}]}
+        return {"models": [{**await self.described(), "limits": self.limits.model_dump()}]}
 
     @app.post("/v1/generate", response_model=GenerateResponse, openapi_extra=GENERATE_BODY,
               summary="generate the task's target modalities from its inputs")
@@ -257,9 +263,9 @@ class Frontend:
             task=parsed.task, inputs=inputs, seed=parsed.seed, num_outputs=parsed.num_outputs,
             params=SamplingParams(steps=parsed.steps, shift=parsed.shift, guidance=parsed.guidance),
         )
-        described = await self.generator.describe.remote()
-        if parsed.task not in described["tasks"]:
-            raise BadRequest(f"this model cannot run task {parsed.task}; it serves {described['tasks']}")
+        tasks = (await self.described())["tasks"]
+        if parsed.task not in tasks:
+            raise BadRequest(f"this model cannot run task {parsed.task}; it serves {tasks}")
         try:
             outputs = await self.generator.generate.remote(prepared)
         except GenerationFailed as err:
