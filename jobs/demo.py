@@ -42,9 +42,9 @@ TOY = "runs/toy/"  # where the configs expect the toy CLIP and codecs
 
 class StageSteps(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    stage1: int = Field(120, ge=1)
+    stage1: int = Field(400, ge=1)
     stage2: int = Field(120, ge=1)
-    stage3: int = Field(700, ge=1)
+    stage3: int = Field(450, ge=1)
 
 
 class DemoConfig(BaseModel):

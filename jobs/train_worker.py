@@ -52,11 +52,11 @@ from jobs.train_config import ModelSpec, TrainConfig
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
-def build_model(spec: ModelSpec, storage: st.StorageConfig) -> torch.nn.Module:
-    """The transformer `spec` describes, on the CPU in float32. An s3:// `init` is downloaded to a
-    temporary directory first."""
+def build_model(spec: ModelSpec, storage: st.StorageConfig, seed: int = 0) -> torch.nn.Module:
+    """The transformer `spec` describes, on the CPU in float32 (a fresh one initialised from `seed`).
+    An s3:// `init` is downloaded to a temporary directory first."""
     if spec.init is None:
-        return build_transformer(spec.preset, **spec.overrides)
+        return build_transformer(spec.preset, seed=seed, **spec.overrides)
     if spec.init.startswith("sd3:"):
         from omniflow.convert.sd3 import transformer_from_sd3
 
@@ -133,7 +133,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     precision = config.precision if config.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     torch.manual_seed(config.seed)
 
-    model = build_model(config.model, config.storage)
+    model = build_model(config.model, config.storage, config.seed)
     model_config = transformer_config(model)
     start_step, position = 0, None
     checkpoint = ray.train.get_checkpoint()

@@ -81,13 +81,14 @@ def get_preset(name: str) -> Preset:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
-def build_transformer(preset: str, **overrides) -> OmniFlowTransformer:
-    """A freshly initialised transformer from a named preset, with config overrides.
+def build_transformer(preset: str, *, seed: int = 0, **overrides) -> OmniFlowTransformer:
+    """A freshly initialised transformer from a named preset, with config overrides; a stream's
+    initial weights depend only on `seed` and its layer names (`init.initialize_weights`).
 
     Example:
         >>> model = build_transformer("tiny", split_timestep_conditioning=True)
     """
-    return initialize_weights(OmniFlowTransformer(**{**get_preset(preset).config, **overrides}))
+    return initialize_weights(OmniFlowTransformer(**{**get_preset(preset).config, **overrides}), seed=seed)
 
 
 @dataclass(frozen=True)

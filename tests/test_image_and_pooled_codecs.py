@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from omniflow.codecs import build_codec, codec_kinds
+from omniflow.codecs.autoencoder import LatentNorm, fit_latent_stats
 from omniflow.codecs.media import MediaError, encode_audio, encode_image
 
 
@@ -53,7 +54,7 @@ def sd3_like_dir(tmp_path_factory):
 def test_image_vae_round_trip_shapes(sd3_like_dir):
     codec = build_codec({"kind": "image-vae", "path": str(sd3_like_dir), "subfolder": "vae", "resolution": 32})
     assert codec.latent_shape == (16, 16, 16)
-    assert (codec.scaling_factor, codec.shift_factor) == (1.5305, 0.0609)
+    assert (codec.norm.scaling_factor, codec.norm.shift_factor) == (1.5305, 0.0609)
     images = [np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8), Image.new("RGB", (20, 32))]
     pixels = codec.preprocess([encode_image(images[0]), images[1]])
     assert pixels.shape == (2, 3, 32, 32) and 0 <= pixels.min() and pixels.max() <= 1
@@ -65,6 +66,39 @@ def test_image_vae_round_trip_shapes(sd3_like_dir):
     decoded = codec.decode(latents)
     assert decoded.shape == (2, 3, 32, 32) and 0 <= decoded.min() and decoded.max() <= 1
     assert codec.to_uint8(decoded).shape == (2, 32, 32, 3)
+
+
+def test_image_vae_per_channel_normalisation(tmp_path):
+    """`fit_latent_stats` stores latents_mean / latents_std; the codec centres and scales each channel
+    with them, and decoding hands the decoder the posterior again."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8,
+    )
+    pixels = torch.rand(24, 3, 16, 16)
+    norm = fit_latent_stats(vae, pixels * 2 - 1)
+    assert len(norm.mean) == len(norm.std) == 4 and (norm.scaling_factor, norm.shift_factor) == (1.0, 0.0)
+    vae.save_pretrained(tmp_path / "vae")
+    saved = json.loads((tmp_path / "vae" / "config.json").read_text())
+    assert saved["latents_mean"] == list(norm.mean) and saved["latents_std"] == list(norm.std)
+
+    codec = build_codec({"kind": "image-vae", "path": str(tmp_path / "vae"), "resolution": 16})
+    assert codec.norm == norm
+    latents = codec.encode(pixels)
+    per_channel = latents.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(per_channel.mean(1), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std(1), torch.ones(4), atol=1e-4, rtol=0)
+    mode = codec.vae.encode(pixels * 2 - 1).latent_dist.mode()
+    torch.testing.assert_close(norm.denormalise(latents), mode, atol=1e-5, rtol=1e-5)
+
+
+def test_latent_norm_rejects_half_or_misshapen_statistics():
+    with pytest.raises(ValueError, match="together"):
+        LatentNorm.from_config({"latent_channels": 4, "latents_mean": [0.0] * 4, "latents_std": None})
+    with pytest.raises(ValueError, match="one per latent channel"):
+        LatentNorm.from_config({"latent_channels": 4, "latents_mean": [0.0] * 3, "latents_std": [1.0] * 3})
 
 
 def test_image_vae_bfloat16(sd3_like_dir):

@@ -31,8 +31,7 @@ SHAPES = {"image": (4, 8, 8), "text": (4, 16), "audio": (4, 16, 8)}
 
 
 def _state(seed: int, streams=STREAMS) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    return build_transformer("tiny", streams=streams).state_dict()
+    return build_transformer("tiny", seed=seed, streams=streams).state_dict()
 
 
 def _weighted(a: torch.Tensor, b: torch.Tensor, w: tuple[float, float]) -> torch.Tensor:
@@ -137,12 +136,10 @@ def test_config_errors_name_the_field():
 def stage_models(tmp_path_factory):
     """Stage 1: an image-text model directory. Stage 2: a text-audio training checkpoint with EMA."""
     root = tmp_path_factory.mktemp("stages")
-    torch.manual_seed(1)
-    stage1 = build_transformer("tiny", streams=("image", "text"))
+    stage1 = build_transformer("tiny", seed=1, streams=("image", "text"))
     save_model_dir(stage1, root / "stage1", extra={
         "preset": "tiny", "latent_shapes": {"image": [4, 8, 8], "text": [4, 16]}, "codecs": {"image": {"kind": "toy-image"}}})
-    torch.manual_seed(2)
-    stage2 = build_transformer("tiny", streams=("text", "audio"))
+    stage2 = build_transformer("tiny", seed=2, streams=("text", "audio"))
     ema = EMA(stage2, decay=0.5)
     with torch.no_grad():
         for p in stage2.parameters():

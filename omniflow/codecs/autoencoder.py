@@ -2,12 +2,16 @@
 
 The same diffusers class as the SD3 and AudioLDM2 VAEs, at toy sizes, so the codecs load real and
 toy checkpoints with the same code. Training is plain: L1 or MSE reconstruction plus a small KL to
-N(0, I), AdamW, batches drawn with a seeded generator. Afterwards `fit_scaling_factor` sets
-`scaling_factor` to 1 / std of the latents, as Stable Diffusion did, so the flow model sees
-latents of unit variance.
+N(0, I), AdamW, batches drawn with a seeded generator. Afterwards `fit_latent_stats` stores each
+latent channel's mean and std in the VAE's config (diffusers' `latents_mean` / `latents_std`), so
+the flow model sees every channel centred at unit variance.
+
+`LatentNorm` is the one mapping between a VAE's posterior and the flow model's latents, read from
+the VAE's config: per channel when `latents_mean` / `latents_std` are set, else SD3's
+`(z - shift_factor) * scaling_factor`.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -118,20 +122,72 @@ def train_autoencoder_kl(
     return AutoencoderTrainResult(**history)
 
 
-@torch.no_grad()
-def latent_std(vae: AutoencoderKL, data: torch.Tensor, *, batch_size: int = 64) -> float:
-    """Standard deviation of the unscaled posterior means over `data` (N, C, H, W)."""
-    param = next(vae.parameters())
-    means = [vae.encode(chunk.to(param.device, param.dtype)).latent_dist.mean.float() for chunk in data.split(batch_size)]
-    return float(torch.cat(means).std())
+@dataclass(frozen=True)
+class LatentNorm:
+    """Posterior z <-> normalised latents, from an `AutoencoderKL` config.
 
-
-def fit_scaling_factor(vae: AutoencoderKL, data: torch.Tensor, *, batch_size: int = 64) -> float:
-    """Set `vae.config.scaling_factor` to 1 / std of its latents on `data` and return it.
-
-    Saved with `vae.save_pretrained`; the codecs multiply latents by it. Posterior means rather
-    than samples are measured, so the result is deterministic.
+    Per channel (diffusers' convention for `latents_mean` / `latents_std`):
+        latents = (z - mean[c]) * scaling_factor / std[c]
+    otherwise (SD3's):
+        latents = (z - shift_factor) * scaling_factor
     """
-    factor = 1.0 / latent_std(vae, data, batch_size=batch_size)
-    vae.register_to_config(scaling_factor=factor)
-    return factor
+
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "LatentNorm":
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        if (mean is None) != (std is None):
+            raise ValueError("a VAE config sets latents_mean and latents_std together or neither")
+        if mean is not None and not (len(mean) == len(std) == config["latent_channels"]):
+            raise ValueError(f"latents_mean / latents_std need {config['latent_channels']} values (one per "
+                             f"latent channel), got {len(mean)} and {len(std)}")
+        return cls(scaling_factor=float(config.get("scaling_factor", 1.0)),
+                   shift_factor=float(config.get("shift_factor") or 0.0),
+                   mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None)
+
+    def _per_channel(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, -1) + (1,) * (like.ndim - 2)
+        as_tensor = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(shape)  # noqa: E731
+        return as_tensor(self.mean), as_tensor(self.std)
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Posterior samples or means (B, C, ...) -> the flow model's latents."""
+        if self.mean is None:
+            return (z - self.shift_factor) * self.scaling_factor
+        mean, std = self._per_channel(z)
+        return (z - mean) * self.scaling_factor / std
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """The flow model's latents (B, C, ...) -> what the VAE's decoder takes."""
+        if self.mean is None:
+            return latents / self.scaling_factor + self.shift_factor
+        mean, std = self._per_channel(latents)
+        return latents * std / self.scaling_factor + mean
+
+
+@torch.no_grad()
+def posterior_means(vae: AutoencoderKL, data: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """The posterior means (N, C, h, w) of `data` (N, C_in, H, W), float32."""
+    param = next(vae.parameters())
+    return torch.cat([vae.encode(chunk.to(param.device, param.dtype)).latent_dist.mean.float()
+                      for chunk in data.split(batch_size)])
+
+
+def fit_latent_stats(vae: AutoencoderKL, data: torch.Tensor, *, batch_size: int = 64) -> LatentNorm:
+    """Store each latent channel's mean and std over `data` in the VAE's config and return the norm.
+
+    Saved with `vae.save_pretrained` as `latents_mean` / `latents_std` (with `scaling_factor` 1 and
+    no shift), so the codecs hand the flow model centred latents of unit variance per channel. A VAE
+    trained with a small KL weight spreads its information unevenly over channels (the toy image
+    VAE's channel stds span more than 10x); one global scale would leave the weak channels buried
+    under the flow's noise from its first steps. Posterior means are measured, so the result is
+    deterministic.
+    """
+    means = posterior_means(vae, data, batch_size=batch_size).transpose(0, 1).flatten(1)
+    vae.register_to_config(latents_mean=tuple(means.mean(1).tolist()), latents_std=tuple(means.std(1).tolist()),
+                           scaling_factor=1.0, shift_factor=None)
+    return LatentNorm.from_config(vae.config)

@@ -1,7 +1,8 @@
 """Image codec: a diffusers `AutoencoderKL` (the SD3 VAE for real runs, a tiny one for ShapesWorld).
 
-Latents follow SD3's normalisation, z = (posterior - shift_factor) * scaling_factor, read from the
-VAE's own config (1.5305 and 0.0609 for SD3's 16-channel VAE). Pixels enter in [0, 1] at the
+Latents are normalised as the VAE's own config says (`autoencoder.LatentNorm`): SD3's
+(posterior - shift_factor) * scaling_factor (1.5305 and 0.0609 for its 16-channel VAE), or per
+channel with `latents_mean` / `latents_std` (the toy VAE's). Pixels enter in [0, 1] at the
 configured square resolution; `preprocess` resizes the short side and centre-crops.
 """
 
@@ -14,6 +15,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from pydantic import Field
 
+from omniflow.codecs.autoencoder import LatentNorm
 from omniflow.codecs.base import Codec, CodecConfig, load_pretrained, register_codec
 from omniflow.codecs.media import decode_image
 from omniflow.modality import Modality
@@ -68,8 +70,7 @@ class ImageVAECodec(Codec):
             AutoencoderKL.from_pretrained, config.path, subfolder=config.subfolder, torch_dtype=self.dtype
         ).to(self.device).eval()
         self.vae.requires_grad_(False)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.shift_factor = float(self.vae.config.shift_factor or 0.0)
+        self.norm = LatentNorm.from_config(self.vae.config)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if config.resolution % self.downsample:
             raise ValueError(f"resolution {config.resolution} is not a multiple of the VAE's factor {self.downsample}")
@@ -89,12 +90,12 @@ class ImageVAECodec(Codec):
             raise ValueError(f"expected pixels of shape (B, 3, H, W), got {tuple(pixels.shape)}")
         posterior = self.vae.encode(pixels.to(self.device, self.dtype) * 2 - 1).latent_dist
         z = posterior.sample(generator) if self.config.sample_posterior else posterior.mode()
-        return (z - self.shift_factor) * self.scaling_factor
+        return self.norm.normalise(z)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) normalised latents -> (B, 3, h*f, w*f) pixels in [0, 1]."""
-        z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
+        z = self.norm.denormalise(latents.to(self.device, self.dtype))
         return ((self.vae.decode(z).sample.float() + 1) / 2).clamp(0, 1)
 
     @staticmethod

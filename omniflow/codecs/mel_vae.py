@@ -12,13 +12,12 @@ from diffusers import AutoencoderKL
 
 from omniflow.codecs.autoencoder import (
     AutoencoderTrainResult,
-    fit_scaling_factor,
-    latent_std,
+    fit_latent_stats,
     new_autoencoder_kl,
     train_autoencoder_kl,
 )
 
-__all__ = ["fit_scaling_factor", "latent_std", "new_mel_vae", "train_mel_vae"]
+__all__ = ["fit_latent_stats", "new_mel_vae", "train_mel_vae"]
 
 
 def new_mel_vae(
@@ -64,8 +63,8 @@ def train_mel_vae(
 ) -> AutoencoderTrainResult:
     """Train `vae` in place on log-mels (N, 1, T, n_mels): L1 reconstruction + kl_weight * KL.
 
-    See `autoencoder.train_autoencoder_kl`. Afterwards call `fit_scaling_factor(vae, mels)` so the
-    codec's latents have unit variance, then `vae.save_pretrained(model_dir / "vae")`.
+    See `autoencoder.train_autoencoder_kl`. Afterwards call `fit_latent_stats(vae, mels)` so the
+    codec's latents have unit variance per channel, then `vae.save_pretrained(model_dir / "vae")`.
 
     Example:
         >>> mels = log_mel(waves_BN, TOY_MEL)                     # (N, 1, 128, 64)

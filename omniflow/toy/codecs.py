@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from omniflow.codecs import build_codec
-from omniflow.codecs.autoencoder import fit_scaling_factor, new_autoencoder_kl, train_autoencoder_kl
+from omniflow.codecs.autoencoder import fit_latent_stats, new_autoencoder_kl, train_autoencoder_kl
 from omniflow.codecs.mel import TOY_MEL, MelConfig, log_mel
 from omniflow.codecs.text_vae_train import build_tiny_text_vae, train_text_vae
 from omniflow.modality import Modality
@@ -40,6 +40,8 @@ from omniflow.shapesworld import (
 from omniflow.toy.cache import cached_manifest, commit, new_staging
 
 MANIFEST = "codecs.json"
+# Part of the cache key: bump when the build writes something different for the same config.
+BUILD_VERSION = 2  # 2: per-channel latent normalisation
 
 
 class ImageVAEBuild(BaseModel):
@@ -64,7 +66,7 @@ class MelVAEBuild(BaseModel):
     lr: float = 3e-3
     kl_weight: float = 1e-4
     reconstruction_loss: Literal["l1", "mse"] = "l1"
-    griffin_lim_iters: int = Field(32, gt=0)
+    griffin_lim_iters: int = Field(16, gt=0)
 
 
 class TextVAEBuild(BaseModel):
@@ -90,7 +92,7 @@ class ToyCodecsConfig(BaseModel):
     text: TextVAEBuild = Field(default_factory=TextVAEBuild)
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{BUILD_VERSION}:{self.model_dump_json()}".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def _build_image(out: Path, cfg: ImageVAEBuild, train: ShapesData, seed: int, lo
         reconstruction_loss=cfg.reconstruction_loss, seed=seed,
         progress=lambda s, loss: (s + 1) % every == 0 and log(f"image VAE step {s + 1}/{cfg.steps} loss {loss:.4f}"),
     )
-    fit_scaling_factor(vae, data)
+    fit_latent_stats(vae, data)
     vae.save_pretrained(out / "image_vae")
     return {"kind": "image-vae", "path": "image_vae", "resolution": cfg.size}
 
@@ -150,7 +152,7 @@ def _build_audio(out: Path, cfg: MelVAEBuild, train: ShapesData, seed: int, log:
         reconstruction_loss=cfg.reconstruction_loss, seed=seed,
         progress=lambda s, loss: (s + 1) % every == 0 and log(f"mel VAE step {s + 1}/{cfg.steps} loss {loss:.4f}"),
     )
-    fit_scaling_factor(vae, mels)
+    fit_latent_stats(vae, mels)
     vae.save_pretrained(out / "audio" / "vae")
     return codec_config
 
