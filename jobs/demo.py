@@ -21,6 +21,7 @@ interruption) redoes only what changed. Output `<out>/`:
 """
 
 import json
+import os
 import socket
 import sys
 import threading
@@ -42,16 +43,16 @@ TOY = "runs/toy/"  # where the configs expect the toy CLIP and codecs
 
 class StageSteps(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    stage1: int = Field(400, ge=1)
-    stage2: int = Field(120, ge=1)
-    stage3: int = Field(450, ge=1)
+    stage1: int = Field(300, ge=1)
+    stage2: int = Field(100, ge=1)
+    stage3: int = Field(320, ge=1)
 
 
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     out: str = "runs/demo"
     toy: str = Field("runs/toy", description="where the toy CLIP and codecs are built (once) and read from")
-    data_scale: float = Field(0.5, gt=0, le=4, description="multiplies the ShapesWorld sources' sample counts")
+    data_scale: float = Field(0.4, gt=0, le=4, description="multiplies the ShapesWorld sources' sample counts")
     steps: StageSteps = Field(default_factory=StageSteps)
     batch_size: int = Field(64, ge=1)
     train_overrides: list[str] = Field(default_factory=list, description="key=value for every training stage")
@@ -71,6 +72,10 @@ def _stage_config(model: type[BaseModel], file: str, out: str, toy: str, edit: C
     if edit:
         edit(data)
     return load_config(model, data, overrides)
+
+
+def _built(manifest_path: Path, digest: str) -> bool:
+    return manifest_path.is_file() and json.loads(manifest_path.read_text()).get("config_hash") == digest
 
 
 def _reuse(manifest_path: Path, config: BaseModel) -> dict | None:
@@ -199,11 +204,26 @@ class Demo:
                 seen += 1
 
     def _toy_models(self) -> None:
-        from omniflow.toy.clip import build_toy_clip
-        from omniflow.toy.codecs import build_toy_codecs
+        """Build the toy CLIP and the three toy codecs side by side, one process per core, or
+        reuse them when built."""
+        from omniflow.toy.clip import MANIFEST as CLIP_MANIFEST
+        from omniflow.toy.clip import ToyClipConfig, build_toy_clip
+        from omniflow.toy.codecs import MANIFEST as CODECS_MANIFEST
+        from omniflow.toy.codecs import ToyCodecsConfig, build_toy_codecs
+        from omniflow.toy.pool import build_pool
 
-        build_toy_clip(Path(self.config.toy) / "clip")
-        build_toy_codecs(Path(self.config.toy) / "codecs")
+        clip, codecs = Path(self.config.toy) / "clip", Path(self.config.toy) / "codecs"
+        built = all(_built(path / manifest, config.digest()) for path, manifest, config in
+                    ((clip, CLIP_MANIFEST, ToyClipConfig()), (codecs, CODECS_MANIFEST, ToyCodecsConfig())))
+        workers = min(4, self.config.ray.num_cpus or os.cpu_count() or 1)  # four models to build
+        if built or workers == 1:
+            build_toy_clip(clip)
+            build_toy_codecs(codecs)
+            return
+        with build_pool(workers) as pool:
+            clip_done = pool.submit(build_toy_clip, clip)
+            build_toy_codecs(codecs, pool=pool)
+            clip_done.result()
 
     def _serve_and_query(self, model_dir: str) -> dict:
         """Deploy the service on the local cluster, ask every task over HTTP, save the answers."""

@@ -3,9 +3,12 @@
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from omniflow.modality import Modality
 from omniflow.toy.codecs import ToyCodecsConfig, build_toy_codecs, load_toy_codecs
+from omniflow.toy.pool import build_pool
 
 TINY = {"train_samples": 40, "eval_samples": 6, "image": {"steps": 3}, "audio": {"steps": 3}, "text": {"steps": 3}}
 
@@ -41,6 +44,25 @@ def test_cache_reuses_and_rebuilds_on_change(tmp_path):
     assert rebuilt["config_hash"] == changed.digest() != first["config_hash"]
     assert any("rebuilding" in m for m in messages)
     assert not (tmp_path / "codecs.partial").exists()
+
+
+def test_a_pool_builds_the_same_codecs_side_by_side(tmp_path):
+    """Worker processes (one torch thread each) build what the sequential build does: same layout,
+    same latent shapes, loadable, with the same weights up to the threads' summation order."""
+    config = ToyCodecsConfig.model_validate(TINY)
+    alone = build_toy_codecs(tmp_path / "alone", config, log=lambda m: None)
+    with build_pool(2) as pool:
+        pooled = build_toy_codecs(tmp_path / "pooled", config, log=lambda m: None, pool=pool)
+    assert pooled["codecs"] == alone["codecs"] and pooled["latent_shapes"] == alone["latent_shapes"]
+    assert set(pooled["seconds"]) == {"image", "audio", "text", "total"}
+    # Adam moves a weight by about lr per step whatever its gradient's size, so a summation-order
+    # difference in a near-zero gradient can flip one of the 3 steps: at most 3 x lr (3e-3, 4e-3) apart
+    for sub in ("image_vae", "audio/vae"):
+        a = load_file(next((tmp_path / "alone" / sub).glob("*.safetensors")))
+        b = load_file(next((tmp_path / "pooled" / sub).glob("*.safetensors")))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=0.025, rtol=0) for k in a), sub
+    codecs = load_toy_codecs(tmp_path / "pooled")
+    assert codecs[Modality.IMAGE].encode(torch.rand(2, 3, 32, 32)).shape == (2, *pooled["latent_shapes"]["image"])
 
 
 def test_config_errors_name_the_field():

@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -177,6 +178,22 @@ def _build_text(out: Path, cfg: TextVAEBuild, train: ShapesData, seed: int, log:
     return {"kind": "omniflow-text-vae", "path": "text_vae"}
 
 
+_PARTS = {"image": _build_image, "audio": _build_audio, "text": _build_text}
+
+
+def _print_log(message: str) -> None:
+    print(f"[codecs] {message}", flush=True)
+
+
+def _build_part(modality: str, staging: Path, config: ToyCodecsConfig, train: ShapesData,
+                log: Callable[[str], None]) -> tuple[dict, float]:
+    """One modality's codec into `staging`: its codec config and the seconds it took. Runs in this
+    process or in a worker of `build_toy_codecs`'s pool."""
+    start = time.perf_counter()
+    codec = _PARTS[modality](staging, getattr(config, modality), train, config.seed, log)
+    return codec, round(time.perf_counter() - start, 1)
+
+
 def _resolve(config: dict, root: Path) -> dict:
     return {**config, "path": str(root / config["path"])}
 
@@ -209,9 +226,13 @@ def load_toy_codecs(root: str | Path) -> dict[Modality, object]:
 
 
 def build_toy_codecs(
-    out: str | Path, config: ToyCodecsConfig | None = None, *, force: bool = False, log: Callable[[str], None] = print
+    out: str | Path, config: ToyCodecsConfig | None = None, *, force: bool = False, log: Callable[[str], None] = print,
+    pool: Executor | None = None,
 ) -> dict:
     """Train the toy codecs into `out` (or reuse them when `out` holds this config's build).
+
+    With a `pool` (`omniflow.toy.pool.build_pool`) the three codecs train side by side in its
+    worker processes, which print their progress; otherwise one after another here.
 
     Returns the manifest: codec configs (paths relative to `out`), latent shapes, round-trip
     accuracy per modality on fresh samples, timings and the config hash.
@@ -229,16 +250,15 @@ def build_toy_codecs(
 
     start = time.perf_counter()
     train = shapes_data(config.train_samples, seed=config.seed, image_size=config.image.size, mel=config.audio.mel)
-    seconds, codecs = {}, {}
-    for modality, build, sub in (
-        (Modality.IMAGE, _build_image, config.image),
-        (Modality.AUDIO, _build_audio, config.audio),
-        (Modality.TEXT, _build_text, config.text),
-    ):
-        t0 = time.perf_counter()
-        codecs[modality.value] = build(staging, sub, train, config.seed, lambda msg: log(f"[codecs] {msg}"))
-        seconds[modality.value] = round(time.perf_counter() - t0, 1)
-        log(f"[codecs] {modality.value} codec built in {seconds[modality.value]}s")
+    if pool is None:
+        built = {m: _build_part(m, staging, config, train, lambda msg: log(f"[codecs] {msg}")) for m in _PARTS}
+    else:
+        futures = {m: pool.submit(_build_part, m, staging, config, train, _print_log) for m in _PARTS}
+        built = {m: future.result() for m, future in futures.items()}
+    codecs = {m: codec for m, (codec, _) in built.items()}
+    seconds = {m: s for m, (_, s) in built.items()}
+    for m in _PARTS:
+        log(f"[codecs] {m} codec built in {seconds[m]}s")
 
     loaded = {Modality(m): build_codec(_resolve(c, staging)) for m, c in codecs.items()}
     held_out = shapes_data(config.eval_samples, seed=config.seed + 1, image_size=config.image.size, mel=config.audio.mel)
