@@ -22,9 +22,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", required=True, help="a model directory exported by jobs.train or jobs.merge")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tasks", default=",".join(EVAL_TASKS))
-    p.add_argument("--samples", type=int, default=200, help="per task")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=2.0)
+    defaults = QualityConfig()  # the demo's measurement unless told otherwise
+    p.add_argument("--samples", type=int, default=defaults.samples, help="per task")
+    p.add_argument("--steps", type=int, default=defaults.steps)
+    p.add_argument("--guidance", type=float, default=defaults.guidance)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     config = QualityConfig(tasks=tuple(args.tasks.split(",")), samples=args.samples, steps=args.steps,

@@ -74,10 +74,6 @@ def _stage_config(model: type[BaseModel], file: str, out: str, toy: str, edit: C
     return load_config(model, data, overrides)
 
 
-def _built(manifest_path: Path, digest: str) -> bool:
-    return manifest_path.is_file() and json.loads(manifest_path.read_text()).get("config_hash") == digest
-
-
 def _reuse(manifest_path: Path, config: BaseModel) -> dict | None:
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -210,11 +206,12 @@ class Demo:
         from omniflow.toy.clip import ToyClipConfig, build_toy_clip
         from omniflow.toy.codecs import MANIFEST as CODECS_MANIFEST
         from omniflow.toy.codecs import ToyCodecsConfig, build_toy_codecs
+        from omniflow.toy.cache import is_built
         from omniflow.toy.pool import build_pool
 
         clip, codecs = Path(self.config.toy) / "clip", Path(self.config.toy) / "codecs"
-        built = all(_built(path / manifest, config.digest()) for path, manifest, config in
-                    ((clip, CLIP_MANIFEST, ToyClipConfig()), (codecs, CODECS_MANIFEST, ToyCodecsConfig())))
+        built = (is_built(clip, CLIP_MANIFEST, ToyClipConfig().digest())
+                 and is_built(codecs, CODECS_MANIFEST, ToyCodecsConfig().digest()))
         workers = min(4, self.config.ray.num_cpus or os.cpu_count() or 1)  # four models to build
         if built or workers == 1:
             build_toy_clip(clip)

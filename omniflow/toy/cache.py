@@ -6,13 +6,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def is_built(out: Path, manifest_name: str, digest: str) -> bool:
+    """Whether `out` holds a finished build of the config with `digest`."""
+    path = out / manifest_name
+    return path.is_file() and json.loads(path.read_text()).get("config_hash") == digest
+
+
 def cached_manifest(out: Path, manifest_name: str, digest: str, *, force: bool, what: str, log: Callable) -> dict | None:
     """The manifest of the build in `out` if it was made from the config with `digest`, else None."""
     path = out / manifest_name
     if not path.exists() or force:
         return None
     manifest = json.loads(path.read_text())
-    if manifest.get("config_hash") == digest:
+    if is_built(out, manifest_name, digest):
         log(f"{what} in {out} is up to date (config {digest})")
         return manifest
     log(f"{what} config changed: rebuilding {out}")
