@@ -18,7 +18,7 @@ def cached_manifest(out: Path, manifest_name: str, digest: str, *, force: bool, 
     if not path.exists() or force:
         return None
     manifest = json.loads(path.read_text())
-    if is_built(out, manifest_name, digest):
+    if manifest.get("config_hash") == digest:
         log(f"{what} in {out} is up to date (config {digest})")
         return manifest
     log(f"{what} config changed: rebuilding {out}")
