@@ -8,8 +8,10 @@ first). The recipe (`omniflow.merge`: streams, average, task_arithmetic or expor
 process, no Ray cluster needed, and the result is a model directory, uploaded when the output is
 s3://. `manifest.json` is written last: a directory without it is not a finished merge.
 
-Output layout under `output` (a model directory that `from_pretrained` loads):
-    config.json, diffusion_pytorch_model*.safetensors   the merged transformer
+Output layout under `output`: a self-contained model directory (`omniflow.model_dir`) that
+`OmniFlowPipeline.from_pretrained` and the service load:
+    model_index.json, transformer/   the merged transformer
+    <modality>_codec/ ...            the codecs (and pooled encoders) of the streams, copied in
     omniflow.json    model info (latent shapes, codecs), per stream from the model that gave it
     merge.json       the recipe and what came from where
     manifest.json    config and hash, inputs, recipe, parameter counts, timings, versions
@@ -24,7 +26,7 @@ from pydantic import Field
 
 from jobs.common import Progress, config_hash, dumps, job_main, package_versions
 from omniflow.merge import MERGE_FILE, MergeConfig, MergeError, merge_model_dirs
-from omniflow.model_dir import STATE_FILE
+from omniflow.model_dir import MODEL_INDEX, STATE_FILE
 from pipelines import storage as st
 
 MANIFEST = "manifest.json"
@@ -69,14 +71,14 @@ def run(config: MergeJobConfig) -> dict:
         # A local output is swapped in whole (an earlier manifest goes with the old directory).
         model_dir = merge_model_dirs(config, resolve=resolve, write_to=Path(tmp) / "output" if remote_output else None)
         record = json.loads((model_dir / MERGE_FILE).read_text())
-        outputs = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir()) if p.is_file()}
+        outputs = {p.relative_to(model_dir).as_posix(): p.stat().st_size
+                   for p in sorted(model_dir.rglob("*")) if p.is_file()}
         if remote_output:
             progress.phase(f"uploading to {config.output}")
             # The earlier manifest goes first, so that no reader takes a half-replaced model as whole.
             st.remove(st.join(config.output, MANIFEST), storage)
             st.remove(config.output, storage)
-            for name in outputs:
-                st.write_bytes_atomic(st.join(config.output, name), (model_dir / name).read_bytes(), storage)
+            st.upload_dir(model_dir, config.output, storage, last=[MODEL_INDEX])
         inputs = [_describe_input(path, staged[path]) for path in config.recipe.inputs()]
 
     by_source = record.get("elements_by_source", {})

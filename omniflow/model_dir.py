@@ -1,14 +1,25 @@
 """Model directories (what serving loads) and training checkpoints (what training resumes from).
 
-A model directory is diffusers' `save_pretrained` layout with safetensors, plus optional JSON
-sidecars that `from_pretrained` ignores:
+A model directory is self-contained, in diffusers' pipeline layout: one `save_pretrained`
+subfolder per component, safetensors weights, and an index:
 
-    config.json                            the transformer's config (diffusers)
-    diffusion_pytorch_model.safetensors    weights (sharded with an index file when large)
-    omniflow.json                          optional: what a server needs beside the weights, e.g.
-                                           {"preset": "toy", "latent_shapes": {"image": [4, 8, 8], ...},
-                                            "codecs": {"image": {...codec config...}, ...}}
-    merge.json                             optional: the recipe of a merged model (`omniflow.merge`)
+    model_index.json     {"_class_name": "OmniFlowPipeline", component: [module, class], ...};
+                         written last, so its presence marks a whole directory
+    transformer/         config.json + diffusion_pytorch_model.safetensors (sharded when large)
+    image_codec/ audio_codec/ text_codec/    each codec's weights, as its loader reads them
+    text_pooled/ ...     pooled-vector encoders, when the model has them
+    omniflow.json        what generation needs beside the weights, e.g.
+                         {"preset": "toy", "latent_shapes": {"image": [4, 8, 8], ...},
+                          "codecs": {"image": {"kind": "image-vae", "path": "image_codec", ...}, ...},
+                          "pooled": {...}}
+    merge.json           optional: the recipe of a merged model (`omniflow.merge`)
+
+Codec and pooled-encoder configs name their weights by paths relative to the directory, so a copy
+of it (another machine, a bucket, an image) generates as the original did. `save_model_dir` copies
+every local directory the configs name into the new directory and rewrites the paths;
+`read_model_info` turns them back into absolute paths. A hub id stays a reference (it is loaded
+from the local hub cache). Directories written before the index existed (transformer files at
+the top level) still load.
 
 A training checkpoint is a directory with:
 
@@ -41,7 +52,10 @@ from safetensors.torch import load_file, save_file
 from omniflow.wrappers import unwrap
 from omniflow.transformer import OmniFlowTransformer
 
-INFO_FILE = "omniflow.json"
+INFO_FILE, MODEL_INDEX, TRANSFORMER = "omniflow.json", "model_index.json", "transformer"
+PIPELINE_CLASS = "OmniFlowPipeline"
+# omniflow.json entries that map modality -> codec config, and the suffix of their subfolders
+COMPONENT_GROUPS = {"codecs": "codec", "pooled": "pooled"}
 MODEL_WEIGHTS, EMA_WEIGHTS, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
 WEIGHTS_PREFIX = "diffusion_pytorch_model"  # diffusers' weights file name, also of its shards
 
@@ -92,51 +106,119 @@ def save_model_dir(
     extra: Mapping[str, Any] | None = None,
     sidecars: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write `model` as a model directory (diffusers layout, safetensors), replacing `path` whole.
+    """Write `model` as a model directory (layout in the module docstring), replacing `path` whole.
 
     Args:
         model: the transformer, possibly wrapped (DDP, torch.compile); its full weights must be on
             this process (gather FSDP shards first).
-        extra: written as `omniflow.json` (preset, latent shapes, codec configs, ...).
+        extra: written as `omniflow.json` (preset, latent shapes, codec configs, ...); every local
+            directory its `codecs` and `pooled` configs name is copied in (`bundle_components`).
         sidecars: more JSON files, file name -> content (e.g. {"merge.json": recipe}).
 
     Example:
-        >>> save_model_dir(model, "models/toy", extra={"preset": "toy"})
+        >>> save_model_dir(model, "models/toy", extra={"preset": "toy", "codecs": toy_codec_configs("runs/toy/codecs")})
     """
     model = unwrap(model)
 
     def fill(temp: Path) -> None:
-        model.save_pretrained(temp, safe_serialization=True)
-        if extra is not None:
-            _write_json(temp / INFO_FILE, dict(extra))
+        model.save_pretrained(temp / TRANSFORMER, safe_serialization=True)
+        info = bundle_components(extra, temp) if extra is not None else None
+        if info is not None:
+            _write_json(temp / INFO_FILE, info)
         for name, content in (sidecars or {}).items():
             _write_json(temp / name, content)
+        _write_json(temp / MODEL_INDEX, model_index(model, info or {}))
 
     return _write_dir_atomic(path, fill)
 
 
+def _component_dirs(config: Mapping[str, Any]) -> dict[str, list[str]]:
+    from omniflow.codecs.base import codec_config
+
+    return codec_config(dict(config)).weight_dirs()
+
+
+def bundle_components(info: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """`info` with each codec / pooled-encoder config's local weights copied under `root` and named
+    by paths relative to it: `<modality>_codec/` (and `<modality>_codec_<field>/` for a second
+    location such as a vocoder's). Paths that are not local directories (hub ids) stay as they are."""
+    out = dict(info)
+    for group, suffix in COMPONENT_GROUPS.items():
+        if group not in info:
+            continue
+        out[group] = {}
+        for modality, config in info[group].items():
+            config, name = dict(config), f"{modality}_{suffix}"
+            for field, parts in _component_dirs(config).items():
+                source = config.get(field)
+                if not isinstance(source, str) or not Path(source).is_dir():
+                    continue
+                dest = name if field == "path" else f"{name}_{field.removesuffix('_path')}"
+                for part in parts:
+                    shutil.copytree(Path(source) / part, root / dest / part, dirs_exist_ok=True)
+                config[field] = dest
+            out[group][modality] = config
+    return out
+
+
+def model_index(model: OmniFlowTransformer, info: Mapping[str, Any]) -> dict[str, Any]:
+    """`model_index.json`: the pipeline class and each component's [library, class] (diffusers' index)."""
+    import diffusers
+
+    from omniflow.codecs.base import codec_class
+
+    index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__,
+                             TRANSFORMER: [type(model).__module__, type(model).__name__]}
+    for group, suffix in COMPONENT_GROUPS.items():
+        for modality, config in info.get(group, {}).items():
+            cls = codec_class(config["kind"])
+            index[f"{modality}_{suffix}"] = [cls.__module__, cls.__name__]
+    return index
+
+
 def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The directory's `omniflow.json`, or {} when it has none."""
-    info = Path(path) / INFO_FILE
-    return json.loads(info.read_text()) if info.exists() else {}
+    """The directory's `omniflow.json` ({} when it has none), with the component paths that point
+    inside the directory made absolute, so the configs load from wherever the directory is."""
+    root = Path(path).absolute()
+    file = root / INFO_FILE
+    if not file.exists():
+        return {}
+    info = json.loads(file.read_text())
+    for group in COMPONENT_GROUPS:
+        for config in info.get(group, {}).values():
+            for field in _component_dirs(config):
+                value = config.get(field)
+                if isinstance(value, str) and not Path(value).is_absolute() and (root / value).is_dir():
+                    config[field] = str(root / value)
+    return info
+
+
+def transformer_dir(path: str | os.PathLike) -> Path:
+    """Where the transformer's config.json and weights are: `transformer/`, or the top level of a
+    directory written before the index existed."""
+    path = Path(path)
+    return path / TRANSFORMER if (path / TRANSFORMER / "config.json").is_file() else path
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / "config.json").is_file() and any(Path(path).glob(f"{WEIGHTS_PREFIX}*.safetensors"))
+    weights = transformer_dir(path)
+    return (weights / "config.json").is_file() and any(weights.glob(f"{WEIGHTS_PREFIX}*.safetensors"))
 
 
 def load_model_dir(
     path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
 ) -> OmniFlowTransformer:
-    """Load a model directory with diffusers' `from_pretrained` (safetensors only), in eval mode.
+    """Load a model directory's transformer with diffusers' `from_pretrained` (safetensors only), in
+    eval mode.
 
     Example:
         >>> model = load_model_dir("models/toy", dtype="bfloat16", device="cuda")
     """
     if not is_model_dir(path):
-        raise FileNotFoundError(f"{path} is not a model directory (needs config.json and {WEIGHTS_PREFIX}*.safetensors)")
+        raise FileNotFoundError(
+            f"{path} is not a model directory (needs {TRANSFORMER}/config.json and {WEIGHTS_PREFIX}*.safetensors)")
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    model = OmniFlowTransformer.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+    model = OmniFlowTransformer.from_pretrained(transformer_dir(path), torch_dtype=dtype, use_safetensors=True)
     return model.to(device).eval()
 
 

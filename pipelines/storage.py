@@ -290,6 +290,30 @@ def download_dir(path: str, local: str | os.PathLike, storage: StorageConfig) ->
     return str(local)
 
 
+def local_copy(path: str, storage: StorageConfig, *, cache_root: str | os.PathLike | None = None) -> str:
+    """`path` itself when local; for s3:// a local copy of the directory, downloaded once per machine
+    and path into `cache_root` (default: the temp directory) and moved into place whole, so that
+    processes sharing the machine (replicas, workers) never read a partial copy."""
+    if scheme(path) == "file":
+        return path
+    import hashlib
+    import tempfile
+
+    root = os.path.join(cache_root or tempfile.gettempdir(), "omniflow-downloads")
+    cache = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:16])
+    if not os.path.isdir(cache):
+        os.makedirs(root, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".download-", dir=root)
+        download_dir(path, staging, storage)
+        try:
+            os.replace(staging, cache)
+        except OSError:  # another process on this machine finished first
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    return cache
+
+
 def upload_dir(local: str | os.PathLike, path: str, storage: StorageConfig, *, last: Sequence[str] = ()) -> None:
     """Copy every file under `local` to directory `path`, each write atomic; the files named in
     `last` (such as a manifest) go after all others, so their presence marks a complete copy."""

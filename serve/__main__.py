@@ -44,18 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from jobs.common import init_ray
-    from serve.app import Generator, build_app
+    from serve.app import Generator, application
 
     generator = Generator.options(num_replicas=args.replicas,
                                   ray_actor_options={"num_cpus": 1, "num_gpus": args.num_gpus})
     try:
-        application = build_app(config.model_dump(mode="json"), generator=generator)
+        app = application(config, generator=generator)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     init_ray(log_to_driver=True)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application, name="omniflow", route_prefix="/")
+    serve.run(app, name="omniflow", route_prefix="/")
     print(f"serving {config.model} at http://{args.host}:{args.port}  (docs: /docs; Ctrl-C stops)", flush=True)
     try:
         while True:

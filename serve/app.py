@@ -18,13 +18,9 @@ Endpoints: `POST /v1/generate` (JSON, or multipart with a `request` JSON field a
 import asyncio
 import base64
 import binascii
-import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -57,22 +53,6 @@ class GenerationFailed(Exception):
     """The generator could not serve one request (the others in its batch are unaffected)."""
 
 
-def local_model_dir(path: str, storage: st.StorageConfig) -> str:
-    """`path` itself, or for s3:// a local copy (downloaded once per machine and path)."""
-    if st.scheme(path) == "file":
-        return path
-    cache = Path(tempfile.gettempdir()) / "omniflow-models" / hashlib.sha256(path.encode()).hexdigest()[:16]
-    if not (cache / "config.json").is_file():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="download-", dir=cache.parent))
-        st.download_dir(path, staging, storage)
-        try:
-            os.replace(staging, cache)
-        except OSError:  # another replica on this machine finished first
-            pass
-    return str(cache)
-
-
 @serve.deployment(name="Generator", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
 class Generator:
     """Loads the model once per replica; batches concurrent requests into sampler calls."""
@@ -82,7 +62,7 @@ class Generator:
 
         self.config = ServeConfig.model_validate(config)
         device = str(resolve_device(self.config.device))
-        self.pipe = AnyToAny.load(local_model_dir(self.config.model, self.config.storage), device=device,
+        self.pipe = AnyToAny.load(st.local_copy(self.config.model, self.config.storage), device=device,
                                   dtype=self.config.dtype)
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -348,10 +328,17 @@ class Frontend:
         return data
 
 
-def build_app(args: dict[str, Any], *, generator: serve.Deployment = Generator) -> serve.Application:
-    """The application for `serve run` (args from `serve/config.yaml` or `key=value` pairs).
-    `generator` is `Generator` with other options (replicas, resources)."""
-    config = ServeConfig.model_validate(args)
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application builder for `serve run` and `serve deploy`: Ray Serve calls it with the
+    `args` of `serve/config.yaml` (or the `key=value` pairs of `serve run serve.app:build_app ...`),
+    which are `serve.schema.ServeConfig` fields. Replicas and resources come from the config's
+    `deployments` section."""
+    return application(ServeConfig.model_validate(args))
+
+
+def application(config: ServeConfig, *, generator: serve.Deployment = Generator) -> serve.Application:
+    """The application for `config`; `generator` is `Generator` with other options (replicas,
+    resources), as `python -m serve` sets them."""
     info = _model_info(config)
     generator = generator.bind(config.model_dump(mode="json"))
     return Frontend.bind(generator, config.limits.model_dump(), info["codecs"])

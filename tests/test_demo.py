@@ -44,6 +44,8 @@ def test_every_stage_runs_and_metrics_hold_every_task(demo):
         assert result["both"] <= min(result["colour"], result["shape"])
     assert {"shapes-image-text", "shapes-audio-text", "shapes-image-audio"} == set(metrics["curation"])
     assert all(c["rejected"] > 0 for c in metrics["curation"].values())  # the planted defects
+    assert Path(metrics["model_dir"]) == out / "model"  # where serve/config.yaml looks (under runs/demo)
+    assert (out / "model" / "model_index.json").is_file() and (out / "model" / "image_codec").is_dir()
     final = metrics["training"]["stage3"]
     assert {"task/t2i", "task/a2t"} <= set(final) and torch.isfinite(torch.tensor(final["val/loss"]))
 

@@ -1,6 +1,7 @@
 """Merging: the rules against their definitions, errors that name the culprit, `python -m jobs.merge`."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,9 +137,15 @@ def test_config_errors_name_the_field():
 def stage_models(tmp_path_factory):
     """Stage 1: an image-text model directory. Stage 2: a text-audio training checkpoint with EMA."""
     root = tmp_path_factory.mktemp("stages")
+    # Codec weights where a codec build left them: each stage's model directory takes a copy.
+    (root / "codec-weights" / "image").mkdir(parents=True)
+    (root / "codec-weights" / "image" / "config.json").write_text("{}")
+    (root / "codec-weights" / "audio" / "vae").mkdir(parents=True)
+    (root / "codec-weights" / "audio" / "vae" / "config.json").write_text("{}")
     stage1 = build_transformer("tiny", seed=1, streams=("image", "text"))
     save_model_dir(stage1, root / "stage1", extra={
-        "preset": "tiny", "latent_shapes": {"image": [4, 8, 8], "text": [4, 16]}, "codecs": {"image": {"kind": "toy-image"}}})
+        "preset": "tiny", "latent_shapes": {"image": [4, 8, 8], "text": [4, 16]},
+        "codecs": {"image": {"kind": "image-vae", "path": str(root / "codec-weights" / "image")}}})
     stage2 = build_transformer("tiny", seed=2, streams=("text", "audio"))
     ema = EMA(stage2, decay=0.5)
     with torch.no_grad():
@@ -146,7 +153,7 @@ def stage_models(tmp_path_factory):
             p.add_(1.0)
     ema.update(stage2, 1)
     info = {"preset": "tiny-audio", "latent_shapes": {"text": [4, 16], "audio": [4, 16, 8]},
-            "codecs": {"audio": {"kind": "toy-audio"}}}
+            "codecs": {"audio": {"kind": "mel-vae", "path": str(root / "codec-weights" / "audio")}}}
     save_training_checkpoint(root / "stage2", model_state=stage2.state_dict(), model_config=transformer_config(stage2),
                              step=7, ema_state=ema.state_dict(), model_info=info)
     return root, stage1.state_dict(), {**stage2.state_dict(), **ema.state_dict()}
@@ -166,7 +173,8 @@ def test_merge_job_end_to_end(tmp_path, stage_models):
 
     out = tmp_path / "merged"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors", "manifest.json", "merge.json", "omniflow.json"]
+        "audio_codec", "image_codec", "manifest.json", "merge.json", "model_index.json", "omniflow.json", "transformer"]
+    assert (out / "image_codec" / "config.json").is_file() and (out / "audio_codec" / "vae" / "config.json").is_file()
     model = load_model_dir(out)
     assert model.streams == STREAMS
     for name, value in model.state_dict().items():
@@ -185,7 +193,10 @@ def test_merge_job_end_to_end(tmp_path, stage_models):
     assert manifest["recipe"] == recipe and manifest["config"]["recipe"]["text_weights"] == [0.25, 0.75]
     assert read_model_info(out) == {  # per stream from the model that gave it, the rest from the image model
         "preset": "tiny", "latent_shapes": {"image": [4, 8, 8], "text": [4, 16], "audio": [4, 16, 8]},
-        "codecs": {"image": {"kind": "toy-image"}, "audio": {"kind": "toy-audio"}}}
+        "codecs": {"image": {"kind": "image-vae", "path": str(out.absolute() / "image_codec")},
+                   "audio": {"kind": "mel-vae", "path": str(out.absolute() / "audio_codec")}}}
+    on_disk = json.loads((out / "omniflow.json").read_text())["codecs"]  # relative: the directory moves whole
+    assert {m: c["path"] for m, c in on_disk.items()} == {"image": "image_codec", "audio": "audio_codec"}
 
     # The merged model trains (one optimizer step moves its weights) and samples.
     model.train()
@@ -225,20 +236,17 @@ def test_merge_job_on_s3_exports_ema(tmp_path, stage_models, s3_server):
     bucket = s3_server.new_bucket()
     storage = s3_server.storage
     remote = f"s3://{bucket}/checkpoints/stage2"
-    for path in (root / "stage2").iterdir():
-        st.write_bytes_atomic(f"{remote}/{path.name}", path.read_bytes(), storage)
+    st.upload_dir(root / "stage2", remote, storage)
     output = f"s3://{bucket}/models/stage2"
     st.write_bytes_atomic(f"{output}/stale.safetensors", b"from an earlier run", storage)
     config = _write_config(tmp_path / "export.yaml", output=output, recipe={"method": "export", "model": remote},
                            dtype="bfloat16", storage={"endpoint_url": s3_server.endpoint_url})
     assert main(["--config", config]) == 0
 
-    names = sorted(p.rsplit("/", 1)[1] for p in st.list_files(output, storage))
-    assert names == ["config.json", "diffusion_pytorch_model.safetensors", "manifest.json", "merge.json", "omniflow.json"]
-    local = tmp_path / "downloaded"
-    local.mkdir()
-    for name in names:
-        (local / name).write_bytes(st.read_bytes(f"{output}/{name}", storage))
+    names = sorted(p.removeprefix(output + "/") for p in st.list_files(output, storage))
+    assert names == ["audio_codec/vae/config.json", "manifest.json", "merge.json", "model_index.json", "omniflow.json",
+                     "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]
+    local = Path(st.local_copy(output, storage, cache_root=tmp_path))
     model = load_model_dir(local, dtype=torch.bfloat16)
     assert all(torch.equal(v, stage2_ema[k].to(torch.bfloat16)) for k, v in model.state_dict().items())
     manifest = json.loads((local / "manifest.json").read_text())

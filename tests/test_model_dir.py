@@ -30,7 +30,9 @@ def _inputs(seed: int = 0) -> tuple[dict, dict]:
 def test_round_trip_gives_identical_outputs(tmp_path, tiny_model):
     info = {"preset": "tiny", "latent_shapes": {"image": [4, 8, 8], "text": [4, 16], "audio": [4, 16, 8]}}
     path = save_model_dir(tiny_model, tmp_path / "model", extra=info)
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors", "omniflow.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["model_index.json", "omniflow.json", "transformer"]
+    assert sorted(p.name for p in (path / "transformer").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert json.loads((path / "model_index.json").read_text())["transformer"] == ["omniflow.transformer", "OmniFlowTransformer"]
     loaded = load_model_dir(path, dtype=torch.float32, device="cpu")
     assert not loaded.training and read_model_info(path) == info
     latents, t = _inputs()

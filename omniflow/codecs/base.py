@@ -33,6 +33,11 @@ class CodecConfig(BaseModel):
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    def weight_dirs(self) -> dict[str, list[str]]:
+        """Where loading reads weights: config field holding a directory -> the subdirectories of it
+        that are read ("." for all of it). A model directory copies exactly these."""
+        return {"path": [self.subfolder or "."]}
+
 
 class Codec(ABC):
     """Media <-> latents for one modality."""
@@ -96,7 +101,8 @@ def codec_kinds() -> list[str]:
     return sorted(set(_REGISTRY) | set(_BUILTIN))
 
 
-def _codec_class(kind: Any) -> type:
+def codec_class(kind: Any) -> type:
+    """The class registered for `kind` (its module is imported on first use)."""
     if kind not in _REGISTRY and kind in _BUILTIN:
         importlib.import_module(_BUILTIN[kind])
     if kind not in _REGISTRY:
@@ -108,7 +114,7 @@ def codec_config(config: CodecConfig | dict) -> CodecConfig:
     """Validate a codec config (a dict from YAML, or a config object) without loading any weights:
     what preparing a codec's inputs needs (image resolution, mel settings)."""
     raw = config.model_dump() if isinstance(config, BaseModel) else dict(config)
-    return _codec_class(raw.get("kind")).config_class.model_validate(raw)
+    return codec_class(raw.get("kind")).config_class.model_validate(raw)
 
 
 def build_codec(config: CodecConfig | dict) -> Any:
@@ -119,7 +125,7 @@ def build_codec(config: CodecConfig | dict) -> Any:
         ...                      "subfolder": "vae", "resolution": 512})
     """
     config = codec_config(config)
-    return _codec_class(config.kind)(config)
+    return codec_class(config.kind)(config)
 
 
 def load_pretrained(loader: Callable[..., Any], path: str, *, subfolder: str | None = None, **kwargs) -> Any:

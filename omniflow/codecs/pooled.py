@@ -76,6 +76,9 @@ class ClipTextPooledConfig(PooledConfig):
     tokenizers: tuple[str, ...] = ("tokenizer", "tokenizer_2")
     max_length: int = Field(77, gt=0)
 
+    def weight_dirs(self) -> dict[str, list[str]]:
+        return {"path": [*self.encoders, *self.tokenizers]}
+
 
 @register_codec("clip-text-pooled")
 class ClipTextPooled(PooledEncoder):

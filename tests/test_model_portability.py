@@ -1,0 +1,177 @@
+"""Model directories as users move and serve them: copied elsewhere without the codec builds they
+came from, loaded with `OmniFlowPipeline.from_pretrained` (also from s3://), served with the real
+`serve run serve/config.yaml`, and the RayService's Serve config checked by Serve's own schema
+and builder."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import requests
+import torch
+import yaml
+
+from omniflow.model_dir import save_model_dir
+from omniflow.pipeline import OmniFlowPipeline
+from omniflow.presets import build_transformer
+from omniflow.shapesworld import make_records
+from omniflow.tasks import BUILTIN_TASKS
+from omniflow.toy.codecs import toy_codec_configs
+from pipelines import storage as st
+from serve.client import Client
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"image": [4, 8, 8], "text": [8, 32], "audio": [4, 32, 16]}  # the toy codecs' latents
+
+
+@pytest.fixture(scope="module")
+def moved_model(tmp_path_factory, toy_codecs) -> Path:
+    """A model directory written against a codec build that is then deleted, and copied elsewhere:
+    what a user gets after `make demo` on one machine and a copy to another."""
+    root = tmp_path_factory.mktemp("portable")
+    build = root / "toy-build"
+    shutil.copytree(toy_codecs[0], build)
+    torch.manual_seed(0)
+    info = {"preset": "toy", "latent_shapes": SHAPES, "codecs": toy_codec_configs(build), "pooled": {}}
+    written = save_model_dir(build_transformer("toy"), root / "trained" / "model", extra=info)
+    moved = root / "elsewhere" / "model"
+    shutil.copytree(written, moved)
+    shutil.rmtree(build)
+    shutil.rmtree(written)
+    return moved
+
+
+def test_a_moved_directory_names_only_what_it_holds(moved_model):
+    on_disk = json.loads((moved_model / "omniflow.json").read_text())
+    assert {m: c["path"] for m, c in on_disk["codecs"].items()} == {
+        "image": "image_codec", "audio": "audio_codec", "text": "text_codec"}
+    index = json.loads((moved_model / "model_index.json").read_text())
+    assert index["_class_name"] == "OmniFlowPipeline"
+    assert {k for k in index if not k.startswith("_")} == {"transformer", "image_codec", "audio_codec", "text_codec"}
+    assert all((moved_model / name).is_dir() for name in index if not name.startswith("_"))
+
+
+@pytest.fixture(scope="module")
+def pipe(moved_model) -> OmniFlowPipeline:
+    return OmniFlowPipeline.from_pretrained(moved_model)
+
+
+def test_from_pretrained_generates_every_modality(pipe):
+    record = make_records(1, seed=3)[0]
+    assert sorted(pipe.tasks()) == sorted(BUILTIN_TASKS)
+    image = pipe(task="t2i", text=record["caption"], num_inference_steps=2, seed=7, num_outputs=2).images
+    assert len(image) == 2 and all(isinstance(i, PIL.Image.Image) and i.size == (32, 32) for i in image)
+    again = pipe(task="t2i", text=record["caption"], num_inference_steps=2, seed=7).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(image[0]))  # output k is seeded seed + k
+    caption = pipe(task="i2t", image=image[0], num_inference_steps=2, seed=1).texts
+    assert len(caption) == 1 and isinstance(caption[0], str)
+    out = pipe(task="at2i", audio=record["audio"], text=record["caption"], guidance_scale={"audio": 2.0, "text": 3.0},
+               num_inference_steps=2, seed=1)
+    assert len(out.images) == 1
+    sound = pipe(task="t2a", text=record["caption"], num_inference_steps=2, seed=1)
+    assert sound.sample_rate == 16_000 and sound.audios[0].dtype == np.float32 and sound.audios[0].ndim == 1
+    with pytest.raises(ValueError, match="needs"):
+        pipe(task="i2t", text="no image given")
+
+
+def test_save_pretrained_round_trips(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "again")
+    copy = OmniFlowPipeline.from_pretrained(tmp_path / "again")
+    a = pipe(task="t2i", text="a red circle", num_inference_steps=2, seed=4).images[0]
+    b = copy(task="t2i", text="a red circle", num_inference_steps=2, seed=4).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_from_pretrained_reads_s3(moved_model, s3_server, tmp_path):
+    bucket = s3_server.new_bucket()
+    remote = f"s3://{bucket}/models/toy"
+    st.upload_dir(moved_model, remote, s3_server.storage, last=["model_index.json"])
+    pipe = OmniFlowPipeline.from_pretrained(remote, storage=s3_server.storage)
+    assert pipe(task="t2i", text="a blue square", num_inference_steps=2, seed=2).images[0].size == (32, 32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_run_with_the_shipped_config(moved_model, tmp_path):
+    """`serve run serve/config.yaml` from a directory whose runs/demo/model is the moved model; the
+    only change to the shipped config is the port."""
+    work = tmp_path / "work"
+    shutil.copytree(moved_model, work / "runs" / "demo" / "model")
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    assert config["applications"][0]["args"]["model"] == "runs/demo/model"  # where `make demo` writes it
+    port = _free_port()
+    config["http_options"]["port"] = port
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths are length-limited
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "serve.log", "w")
+    process = subprocess.Popen([shutil.which("serve", path=os.path.dirname(sys.executable)), "run", "config.yaml"],
+                               cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("serve run did not become healthy:\n" + (tmp_path / "serve.log").read_text()[-3000:])
+        (model,) = requests.get(url + "/v1/models", timeout=30).json()["models"]
+        assert sorted(model["tasks"]) == sorted(BUILTIN_TASKS)
+        record = make_records(1, seed=5)[0]
+        client = Client(url)
+        inputs = {"text": record["caption"], "image": record["image"], "audio": record["audio"]}
+        for task in sorted(BUILTIN_TASKS):
+            given = {m.value: inputs[m.value] for m in BUILTIN_TASKS[task].conditions}
+            result = client.generate(task, steps=2, seed=1, **given)
+            for m in BUILTIN_TASKS[task].targets:
+                assert len(getattr(result, m.value)) == 1, task
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+        subprocess.run([shutil.which("ray", path=os.path.dirname(sys.executable)), "stop", "--force"],
+                       env=env, capture_output=True, timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_the_rayservice_config_is_what_serve_accepts(moved_model):
+    """The RayService's serveConfigV2 parses as Serve's deploy schema, and its import path builds
+    through Serve's own builder call (the one `serve run` and `serve deploy` make)."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+    from ray._common.utils import import_attr
+    from ray.serve import Application
+
+    manifest = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    schema = ServeDeploySchema.model_validate(serve_config)
+    shipped = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve" / "config.yaml").read_text()))
+    for app in (*schema.applications, *shipped.applications):
+        args = {**app.args, "model": str(moved_model)}  # the manifests name s3:// and runs/ paths
+        args.pop("storage", None)
+        built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), args)
+        assert isinstance(built, Application)
