@@ -181,6 +181,9 @@ class Demo:
             self.progress.log(f"  {task:5s} both {result['both']:.3f}  colour {result['colour']:.3f}  "
                               f"shape {result['shape']:.3f}")
         self.progress.log(f"total {metrics['total_seconds']} s")
+        self.progress.log(f"the model is in {model_dir}: serve it with `python -m serve --model {model_dir}` "
+                          "(for runs/demo/model also `serve run serve/config.yaml`), or load it with "
+                          "`OmniFlowPipeline.from_pretrained`")
         return metrics
 
     def _follow(self, metrics_log: Path, stop: threading.Event) -> None:

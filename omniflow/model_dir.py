@@ -176,15 +176,15 @@ def model_index(model: OmniFlowTransformer, info: Mapping[str, Any]) -> dict[str
     return index
 
 
-def read_model_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The directory's `omniflow.json` ({} when it has none), with the component paths that point
-    inside the directory made absolute, so the configs load from wherever the directory is."""
+def read_model_info(path: str | os.PathLike, *, resolve: bool = True) -> dict[str, Any]:
+    """The directory's `omniflow.json` ({} when it has none). With `resolve`, the component paths
+    that point inside the directory are made absolute, so the configs load from wherever it is."""
     root = Path(path).absolute()
     file = root / INFO_FILE
     if not file.exists():
         return {}
     info = json.loads(file.read_text())
-    for group in COMPONENT_GROUPS:
+    for group in COMPONENT_GROUPS if resolve else ():
         for config in info.get(group, {}).values():
             for field in _component_dirs(config):
                 value = config.get(field)

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omniflow.codecs.media import MediaError
 from omniflow.inference import AnyToAny, InputPreparer, Outputs, Prepared, SamplingParams
+from omniflow.model_dir import read_model_info
 from pipelines import storage as st
 from serve.schema import ErrorResponse, GenerateRequest, GenerateResponse, Limits, ServeConfig, check_request
 
@@ -62,8 +63,8 @@ class Generator:
 
         self.config = ServeConfig.model_validate(config)
         device = str(resolve_device(self.config.device))
-        self.pipe = AnyToAny.load(st.local_copy(self.config.model, self.config.storage), device=device,
-                                  dtype=self.config.dtype)
+        local = st.local_copy(self.config.model, self.config.storage)
+        self.pipe = AnyToAny.load(local, device=device, dtype=self.config.dtype)
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.described = {
@@ -73,7 +74,7 @@ class Generator:
             "tasks": self.pipe.tasks(),
             "modalities": [m.value for m in self.pipe.streams],
             "latent_shapes": {m.value: list(s) for m, s in self.pipe.latent_shapes.items()},
-            "codecs": self.pipe.info["codecs"],
+            "codecs": read_model_info(local, resolve=False)["codecs"],  # as in the directory
             "device": device,
             "dtype": self.config.dtype,
             "max_batch_size": self.config.max_batch_size,

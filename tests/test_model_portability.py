@@ -100,6 +100,25 @@ def test_from_pretrained_reads_s3(moved_model, s3_server, tmp_path):
     assert pipe(task="t2i", text="a blue square", num_inference_steps=2, seed=2).images[0].size == (32, 32)
 
 
+def test_the_service_serves_a_model_from_s3(moved_model, s3_server, ray_cluster):
+    from ray import serve
+
+    from serve.app import build_app
+
+    bucket = s3_server.new_bucket()
+    remote = f"s3://{bucket}/models/served"
+    st.upload_dir(moved_model, remote, s3_server.storage, last=["model_index.json"])
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"model": remote, "storage": s3_server.storage.model_dump(mode="json")}),
+                  name="omniflow", route_prefix="/")
+        result = Client(f"http://127.0.0.1:{port}").generate("t2i", text="a green triangle", steps=2, seed=3)
+        assert len(result.image) == 1
+    finally:
+        serve.shutdown()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,6 +156,7 @@ def test_serve_run_with_the_shipped_config(moved_model, tmp_path):
             pytest.fail("serve run did not become healthy:\n" + (tmp_path / "serve.log").read_text()[-3000:])
         (model,) = requests.get(url + "/v1/models", timeout=30).json()["models"]
         assert sorted(model["tasks"]) == sorted(BUILTIN_TASKS)
+        assert model["codecs"]["image"]["path"] == "image_codec"  # as the directory names it, no machine path
         record = make_records(1, seed=5)[0]
         client = Client(url)
         inputs = {"text": record["caption"], "image": record["image"], "audio": record["audio"]}
