@@ -17,6 +17,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import soundfile  # noqa: E402
 
+from jobs.train_logs import last_per_step, read_metrics
+from pipelines.storage import StorageConfig, join
+
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}.task{display:inline-block;vertical-align:top;margin:0 1.5em 1.5em 0}
@@ -43,11 +46,10 @@ def spectrogram(wav: bytes) -> str:
     return _png(fig)
 
 
-def loss_curves(metrics_log: Path, title: str) -> str | None:
-    """Loss per modality and per task over steps, from a run's metrics.jsonl, as base64 PNG."""
-    if not metrics_log.is_file():
-        return None
-    rows = [json.loads(line) for line in metrics_log.read_text().splitlines() if line.strip()]
+def loss_curves(run_dir: str, storage: StorageConfig, title: str) -> str | None:
+    """Loss per modality and per task over steps, from a run's metrics.jsonl (local or s3://), as
+    base64 PNG."""
+    rows = last_per_step(read_metrics(run_dir, storage))
     if not rows:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=80)
@@ -112,8 +114,8 @@ def write_report(out: Path, metrics: dict, manifests: dict) -> Path:
     parts.append("<h2>Training</h2>")
     for stage in ("stage1", "stage2", "stage3"):
         manifest = manifests[stage]
-        run_dir = Path(manifest["config"]["storage_path"]) / manifest["config"]["name"]
-        curve = loss_curves(run_dir / "metrics.jsonl", stage)
+        config = manifest["config"]
+        curve = loss_curves(join(config["storage_path"], config["name"]), StorageConfig(**config["storage"]), stage)
         final = metrics["training"][stage]
         parts.append(f"<h3>{stage}</h3><p>final loss {final.get('loss', float('nan')):.4f}, validation "
                      f"{final.get('val/loss', float('nan')):.4f}, {final.get('samples_per_s', 0):.0f} samples/s</p>")

@@ -13,7 +13,7 @@ NCCL on GPU).
 Run directory `<storage_path>/<name>/` (local or s3://):
     checkpoint_*/            Ray Train checkpoints: model, EMA, optimizer, step, data positions
     train_config.json        the resolved config (what --resume reads)
-    metrics.jsonl            one line per report (local runs), also in TensorBoard under tensorboard/
+    metrics.jsonl            one line per report, also in TensorBoard under tensorboard/ (jobs.train_logs)
     model/                   the final weights (EMA by default) as a model directory
     manifest.json            config and hash, datasets and stream weights, final metrics, timings
 A worker failure restarts the group from the last checkpoint (`max_failures`); rerunning a run
@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from jobs.common import (
     ConfigError,
@@ -43,9 +45,11 @@ from jobs.common import (
     parse_overrides,
 )
 from jobs.train_config import TrainConfig
+from jobs.train_logs import TENSORBOARD_DIR, metrics_path
+from omniflow.modality import MODALITIES
 from pipelines import storage as st
-from pipelines.mixing import DatasetSpec, stream_weights
-from pipelines.schema import LATENT_MODALITIES, latent_column
+from pipelines.mixing import SYNTHETIC_FLAG, DatasetSpec, presence, stream_weights, task_choice
+from pipelines.schema import LATENT_MODALITIES, latent_column, pooled_column
 from pipelines.writer import read_parts
 
 if TYPE_CHECKING:
@@ -65,16 +69,18 @@ class LatentDataset:
         if manifest.get("job") != "encode":
             raise ValueError(f"dataset {spec.name!r}: {path} is a {manifest.get('job')!r} manifest, not an encode one")
         self.spec, self.manifest = spec, manifest
-        self.parts = manifest["outputs"]["latents"]
+        self.parts = sorted(manifest["outputs"]["latents"])  # an order of their own, whatever wrote the manifest
         shapes = manifest["latents"]["shapes"]
         self.latent_shapes = {m: tuple(shapes[latent_column(m)]) for m in LATENT_MODALITIES if latent_column(m) in shapes}
         self.parts_of: dict[str, list[str]] = {}  # source -> the parts holding its rows
+        self.sources_in: dict[str, set[str]] = {}  # part -> the sources of its rows
         rows: dict[str, int] = {}
         weight_sums: dict[str, float] = {}
         for part in self.parts:
             table = read_parts([part], storage, columns=["source", "source_weight"])
             sources = table.column("source").to_numpy(zero_copy_only=False)
             weights = table.column("source_weight").to_numpy(zero_copy_only=False)
+            self.sources_in[part] = set(sources)
             for s in set(sources):
                 self.parts_of.setdefault(s, []).append(part)
                 rows[s] = rows.get(s, 0) + int((sources == s).sum())
@@ -94,7 +100,7 @@ class LatentDataset:
         import ray.data
         from ray.data.expressions import col
 
-        fs = _arrow_filesystem(self.parts[0], storage)
+        fs = _arrow_filesystem(self.parts[0], storage)  # the scheme, which every part shares
         out = {}
         for source in self.rows:
             parts = self.parts_of[source]
@@ -104,11 +110,44 @@ class LatentDataset:
             out[f"{self.spec.name}.{source}"] = ds
         return out
 
-    def first_rows(self, n: int, storage: st.StorageConfig) -> pa.Table:
-        table = read_parts(self.parts[:1], storage)
-        if self.spec.sources is not None:
-            table = table.filter(pc.is_in(table.column("source"), value_set=pa.array(self.spec.sources)))
-        return table.slice(0, n)
+    def validation_rows(self, n: int, storage: st.StorageConfig) -> pa.Table:
+        """The first `n` rows of this dataset's sources that allow one of its tasks, with only the
+        columns a validation batch needs. Parts are read in order, only those holding one of its
+        sources, and only until `n` rows are found: which part holds what does not matter."""
+        sources = pa.array(list(self.rows))
+        found: list[pa.Table] = []
+        have = 0
+        for part in (p for p in self.parts if self.sources_in[p] & self.rows.keys()):
+            with st.open_input(part, storage) as f:
+                parquet = pq.ParquetFile(f)
+                for batch in parquet.iter_batches(batch_size=max(n, 256), columns=_validation_columns(parquet.schema_arrow)):
+                    table = pa.Table.from_batches([batch])
+                    table = table.filter(pc.is_in(table.column("source"), value_set=sources))
+                    table = table.filter(pa.array(_allows_a_task(table, self.spec), pa.bool_()))
+                    found.append(table.slice(0, n - have))
+                    have += found[-1].num_rows
+                    if have >= n:
+                        return pa.concat_tables(found)
+        if not have:
+            raise ConfigError(
+                f"validation.dataset {self.spec.name!r}: no row of its sources {list(self.rows)} in {self.spec.path} "
+                f"allows one of its tasks {list(self.spec.tasks)}; pick another validation.dataset"
+            )
+        return pa.concat_tables(found)
+
+
+def _validation_columns(schema: pa.Schema) -> list[str]:
+    """What `presence` and `to_batch` read, as far as the latents hold it."""
+    wanted = ["source"]
+    for m in MODALITIES:
+        wanted += [f"has_{m.value}", SYNTHETIC_FLAG[m], latent_column(m.value), pooled_column(m.value)]
+    return [c for c in wanted if c in schema.names]
+
+
+def _allows_a_task(table: pa.Table, spec: DatasetSpec) -> np.ndarray:
+    # Whether a row can get a task depends only on its modalities, not on the draw.
+    chosen = task_choice(presence(table, synthetic=spec.synthetic), spec.tasks, np.random.default_rng(0))
+    return np.array([t is not None for t in chosen], bool)
 
 
 def _arrow_filesystem(path: str, storage: st.StorageConfig):
@@ -147,14 +186,11 @@ def _worker_config(config: TrainConfig) -> dict:
     return dumped
 
 
-def _local_logs(config: TrainConfig) -> tuple[str | None, str | None]:
-    """(TensorBoard dir, metrics.jsonl path) on the local disk, or None for a remote run without one."""
-    if config.log.tensorboard_dir is not None:
-        return config.log.tensorboard_dir, str(Path(config.log.tensorboard_dir) / "metrics.jsonl")
-    if st.scheme(config.storage_path) != "file":
-        return None, None
-    run_dir = Path(config.storage_path).resolve() / config.name
-    return str(run_dir / "tensorboard"), str(run_dir / "metrics.jsonl")
+def _log_paths(config: TrainConfig) -> tuple[str, str]:
+    """(metrics.jsonl, TensorBoard dir) of the run, local paths made absolute (workers run in
+    another working directory)."""
+    run_dir = st.absolute(config.run_dir)
+    return metrics_path(run_dir), st.absolute(config.log.tensorboard_dir or st.join(run_dir, TENSORBOARD_DIR))
 
 
 def run(config: TrainConfig) -> dict:
@@ -179,6 +215,8 @@ def run(config: TrainConfig) -> dict:
         for m, shape in d.latent_shapes.items():
             if shapes.setdefault(m, shape) != shape:
                 raise ValueError(f"dataset {d.spec.name!r} has {m} latents {shape}, others {shapes[m]}")
+    val_data = next(d for d in data if d.spec.name == (config.validation.dataset or config.datasets[0].name))
+    validation_rows = val_data.validation_rows(config.validation.rows, storage)
     weights = stream_weights(config.datasets, {d.spec.name: d.source_weights for d in data})
     streams, datasets = {}, {}
     for d in data:
@@ -187,16 +225,15 @@ def run(config: TrainConfig) -> dict:
             streams[name] = {"weight": weights[name], "tasks": d.spec.tasks, "synthetic": d.spec.synthetic}
     for name, meta in streams.items():
         progress.log(f"stream {name}: share {meta['weight']:.3f}, tasks {meta['tasks']}")
-    val_data = next(d for d in data if d.spec.name == (config.validation.dataset or config.datasets[0].name))
     codecs = data[0].manifest.get("codecs", {})
     st.write_bytes_atomic(st.join(config.run_dir, CONFIG_FILE), dumps(config.model_dump(mode="json")), storage)
 
-    tensorboard_dir, metrics_log = _local_logs(config)
+    metrics_log, tensorboard_dir = _log_paths(config)
     loop_config = {
         "config": _worker_config(config),
         "streams": streams,
         "latent_shapes": {m: list(s) for m, s in shapes.items()},
-        "validation_rows": val_data.first_rows(config.validation.rows, storage),
+        "validation_rows": validation_rows,
         "model_info": {"preset": config.model.preset, "latent_shapes": {m: list(s) for m, s in shapes.items()},
                        "codecs": codecs, "pooled": data[0].manifest.get("pooled", {})},
         "tensorboard_dir": tensorboard_dir,
@@ -234,6 +271,7 @@ def run(config: TrainConfig) -> dict:
         "final_metrics": result.metrics,
         "checkpoint": result.checkpoint.path,
         "model_dir": model_dir,
+        "metrics_log": metrics_log,
         "tensorboard_dir": tensorboard_dir,
         "train_seconds": round(train_seconds, 1),
         "timings": progress.done(),
@@ -245,7 +283,7 @@ def run(config: TrainConfig) -> dict:
 
 
 def _export(checkpoint, model_dir: str, config: TrainConfig, storage: st.StorageConfig) -> None:
-    from omniflow.model_dir import export_checkpoint, load_training_checkpoint
+    from omniflow.model_dir import MODEL_INDEX, export_checkpoint, load_training_checkpoint
 
     with checkpoint.as_directory() as directory:
         state = load_training_checkpoint(directory, optimizer=False)
@@ -260,7 +298,7 @@ def _export(checkpoint, model_dir: str, config: TrainConfig, storage: st.Storage
         local = Path(tmp) / "model"
         export_checkpoint(state, local, use_ema=use_ema, dtype=config.export.dtype)
         st.remove(model_dir, storage)
-        st.upload_dir(local, model_dir, storage, last=["config.json"])
+        st.upload_dir(local, model_dir, storage, last=[MODEL_INDEX])  # its presence marks a whole copy
 
 
 def parser() -> argparse.ArgumentParser:

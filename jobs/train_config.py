@@ -48,7 +48,11 @@ class LogSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     every: int = Field(10, ge=1, description="steps between metric reports")
     tensorboard_dir: str | None = Field(
-        None, description="local directory for TensorBoard events (default: <run dir>/tensorboard for a local run)"
+        None, description="TensorBoard events, local or s3:// (default: <run dir>/tensorboard)"
+    )
+    upload_every_s: float = Field(
+        60.0, gt=0, description="s3:// logs: seconds between uploads of metrics.jsonl and TensorBoard events "
+        "(they are also uploaded at every checkpoint and at the end)"
     )
 
 
@@ -57,7 +61,9 @@ class ValidationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     every: int | None = Field(None, ge=1, description="steps between validations (default: at checkpoints)")
-    dataset: str | None = Field(None, description="the dataset whose first rows are used (default: the first)")
+    dataset: str | None = Field(
+        None, description="the dataset whose first rows (of its sources, allowing one of its tasks) are used "
+        "(default: the first)")
     rows: int = Field(64, ge=1)
     times: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
     seed: int = 0

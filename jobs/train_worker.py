@@ -5,12 +5,11 @@ Every `report_every` steps all workers call `ray.train.report` (it is a barrier)
 steps rank 0 attaches a checkpoint holding the whole model, EMA, optimizer, step, and every
 rank's data position. After a worker failure Ray Train restarts the group and
 `ray.train.get_checkpoint()` hands back the last one: the step counter, learning rate, EMA and
-data streams continue from there.
+data streams continue from there. Rank 0 also writes each report to the run's `metrics.jsonl`
+and TensorBoard events (`jobs.train_logs`), uploaded before each checkpoint when remote.
 """
 
-import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -22,8 +21,9 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
+from jobs.train_config import ModelSpec, TrainConfig
+from jobs.train_logs import RunLogs
 from omniflow.ema import EMA
-from omniflow.wrappers import unwrap
 from omniflow.model_dir import (
     checkpoint_weights,
     is_model_dir,
@@ -44,9 +44,9 @@ from omniflow.parallelize import (
 )
 from omniflow.presets import build_transformer, model_cost
 from omniflow.training import Batch, build_optimizer, build_scheduler, train_step, validation_loss
+from omniflow.wrappers import unwrap
 from pipelines import storage as st
-from pipelines.mixing import MixedBatches, Stream, task_choice, presence, to_batch
-from jobs.train_config import ModelSpec, TrainConfig
+from pipelines.mixing import MixedBatches, Stream, presence, task_choice, to_batch
 
 # Peak dense bf16 TFLOP/s per device, for MFU when the config gives none.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -108,12 +108,11 @@ class Meter:
 
 
 def _validation_batches(config: TrainConfig, table: pa.Table | None, device: torch.device) -> list[Batch]:
-    if table is None:
+    if table is None or table.num_rows == 0:
         return []
     spec = next(d for d in config.datasets if d.name == (config.validation.dataset or config.datasets[0].name))
     chosen = task_choice(presence(table, synthetic=spec.synthetic), spec.tasks, np.random.default_rng(config.validation.seed))
-    keep = [t is not None for t in chosen]
-    table = table.filter(pa.array(keep))
+    table = table.filter(pa.array([t is not None for t in chosen], pa.bool_()))
     tasks = [t for t in chosen if t is not None]
     if not tasks:
         return []
@@ -178,60 +177,61 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     shapes = {m: tuple(s) for m, s in loop_config["latent_shapes"].items() if m in unwrap(model).streams}
     flops_per_sample = model_cost(model_config, shapes).train_flops
     peak = peak_flops(config, device)
-    writer = None
-    if rank == 0 and loop_config.get("tensorboard_dir"):
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(loop_config["tensorboard_dir"])
-    metrics_log = loop_config.get("metrics_log") if rank == 0 else None
+    logs = None
+    if rank == 0:
+        logs = RunLogs(metrics_log=loop_config["metrics_log"], tensorboard_dir=loop_config["tensorboard_dir"],
+                       storage=config.storage, upload_every_s=config.log.upload_every_s)
 
     meter = Meter()
     model.train()
-    for step in range(start_step + 1, config.steps + 1):
-        t0 = time.perf_counter()
-        micro = []
-        for i in range(config.optim.grad_accum):
-            table, tasks = mix.next_batch(step * config.optim.grad_accum + i)
-            micro.append(to_batch(table, tasks).to(device))
-        t1 = time.perf_counter()
-        generator = torch.Generator(device=device).manual_seed(hash((config.seed, rank, step)) % 2**63)
-        out = train_step(model, micro, optimizer=optimizer, scheduler=scheduler, objective=config.objective,
-                         grad_clip=config.optim.grad_clip, precision=precision, generator=generator)
-        if ema is not None:
-            ema.update(model, step)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        meter.add(out, t1 - t0, time.perf_counter() - t1)
-        if not math.isfinite(out.loss):
-            raise FloatingPointError(f"loss is {out.loss} at step {step}")
-
-        last = step == config.steps
-        save = last or step % config.checkpoint.every == 0
-        validate = val_batches and (last or (step % config.validation.every == 0 if config.validation.every else save))
-        if not (last or save or step % config.log.every == 0):
-            continue
-        metrics = _summary(meter, step, world, out.lr, flops_per_sample, peak)
-        metrics["skipped_rows"] = mix.skipped_rows
-        if validate:
-            model.eval()
-            metrics.update({f"val/{k}": v for k, v in validation_loss(
-                model, val_batches, objective=config.objective, times=config.validation.times,
-                seed=config.validation.seed, precision=precision).items()})
+    try:
+        for step in range(start_step + 1, config.steps + 1):
+            t0 = time.perf_counter()
+            micro = []
+            for i in range(config.optim.grad_accum):
+                table, tasks = mix.next_batch(step * config.optim.grad_accum + i)
+                micro.append(to_batch(table, tasks).to(device))
+            t1 = time.perf_counter()
+            generator = torch.Generator(device=device).manual_seed(hash((config.seed, rank, step)) % 2**63)
+            out = train_step(model, micro, optimizer=optimizer, scheduler=scheduler, objective=config.objective,
+                             grad_clip=config.optim.grad_clip, precision=precision, generator=generator)
             if ema is not None:
-                with ema.swapped(model):
-                    metrics["val/ema_loss"] = validation_loss(
-                        model, val_batches, objective=config.objective, times=config.validation.times,
-                        seed=config.validation.seed, precision=precision)["loss"]
-            model.train()
-        if rank == 0:
-            _log(metrics, writer, metrics_log)
-        if save:
-            _report_with_checkpoint(metrics, model, optimizer, ema, mix, step, model_config, loop_config, rank)
-        else:
-            ray.train.report(metrics)
-        meter.reset()  # after validation and checkpointing: samples/s measures training steps only
-    if writer is not None:
-        writer.close()
+                ema.update(model, step)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            meter.add(out, t1 - t0, time.perf_counter() - t1)
+            if not math.isfinite(out.loss):
+                raise FloatingPointError(f"loss is {out.loss} at step {step}")
+
+            last = step == config.steps
+            save = last or step % config.checkpoint.every == 0
+            validate = val_batches and (last or (step % config.validation.every == 0 if config.validation.every else save))
+            if not (last or save or step % config.log.every == 0):
+                continue
+            metrics = _summary(meter, step, world, out.lr, flops_per_sample, peak)
+            metrics["skipped_rows"] = mix.skipped_rows
+            if validate:
+                model.eval()
+                metrics.update({f"val/{k}": v for k, v in validation_loss(
+                    model, val_batches, objective=config.objective, times=config.validation.times,
+                    seed=config.validation.seed, precision=precision).items()})
+                if ema is not None:
+                    with ema.swapped(model):
+                        metrics["val/ema_loss"] = validation_loss(
+                            model, val_batches, objective=config.objective, times=config.validation.times,
+                            seed=config.validation.seed, precision=precision)["loss"]
+                model.train()
+            if rank == 0:
+                _say(_line(metrics))
+                logs.write(metrics, upload=save)  # before the checkpoint: a restart from it finds these lines
+            if save:
+                _report_with_checkpoint(metrics, model, optimizer, ema, mix, step, model_config, loop_config, rank)
+            else:
+                ray.train.report(metrics)
+            meter.reset()  # after validation and checkpointing: samples/s measures training steps only
+    finally:  # what was logged reaches the run directory even when a step fails
+        if logs is not None:
+            logs.close()
 
 
 def _summary(meter: Meter, step: int, world: int, lr: float, flops_per_sample: int, peak: float | None) -> dict:
@@ -260,7 +260,7 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _log(metrics: dict, writer, metrics_log: str | None) -> None:
+def _line(metrics: dict) -> str:
     parts = [f"step {metrics['step']}", f"loss {metrics['loss']:.4f}"]
     parts += [f"{k.removeprefix('loss/')} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/")]
     parts += [f"{metrics['samples_per_s']:.1f} samples/s", f"data wait {100 * metrics['data_wait_share']:.1f}%"]
@@ -268,16 +268,7 @@ def _log(metrics: dict, writer, metrics_log: str | None) -> None:
         parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
     if "val/loss" in metrics:
         parts.append(f"val {metrics['val/loss']:.4f}")
-    _say(" | ".join(parts))
-    if writer is not None:
-        for k, v in metrics.items():
-            if k != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(k, v, metrics["step"])
-        writer.flush()
-    if metrics_log:
-        os.makedirs(os.path.dirname(metrics_log), exist_ok=True)
-        with open(metrics_log, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+    return " | ".join(parts)
 
 
 def _report_with_checkpoint(metrics, model, optimizer, ema, mix, step, model_config, loop_config, rank) -> None:

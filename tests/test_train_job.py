@@ -1,32 +1,56 @@
 """The training job on a real local Ray cluster: DDP on two CPU workers, metrics and TensorBoard,
-checkpoints and export, S3 storage, --resume, and recovery from a killed worker."""
+checkpoints and export, S3 storage (logs included), --resume, validation rows from any part, and
+recovery from a killed worker."""
 
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 import torch
+from tensorboardX.proto.event_pb2 import Event
 
 from jobs.train import main, run
 from jobs.train_config import TrainConfig
+from jobs.train_logs import read_metrics
 from omniflow.model_dir import load_model_dir, read_model_info
 from omniflow.presets import get_preset
 from omniflow.sampling import generate
+from pipelines import storage as st
 from pipelines.synthetic_latents import write_latent_dataset
 
 SHAPES = {m.value: s for m, s in get_preset("tiny").latent_shapes().items()}
+SOURCES = {"it": (["image", "caption"], 96, 1.0), "at": (["audio", "caption"], 64, 2.0)}
 
 
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("latents")
-    write_latent_dataset(out, SHAPES, {"it": (["image", "caption"], 96, 1.0), "at": (["audio", "caption"], 64, 2.0)})
+    write_latent_dataset(out, SHAPES, SOURCES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def latents_by_source(tmp_path_factory) -> Path:
+    """An encode output whose parts each hold one source, the audio-text ones first in listing
+    order: the first part holds no row of the default validation dataset (images, source "it")."""
+    out = tmp_path_factory.mktemp("by_source")
+    parts = []
+    for source in ("at", "it"):
+        manifest = write_latent_dataset(out / source, SHAPES, {source: SOURCES[source]})
+        for part in manifest["outputs"]["latents"]:
+            parts.append(out / "latents" / f"part-{len(parts)}.parquet")
+            parts[-1].parent.mkdir(exist_ok=True)
+            os.replace(part, parts[-1])
+    manifest["outputs"]["latents"] = [str(p) for p in parts]  # sorted, as the encode job lists them
+    (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
@@ -45,7 +69,7 @@ def _config(latents: Path, storage_path: str, name: str, **extra) -> dict:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(str(run_dir), st.StorageConfig())
 
 
 def test_ddp_on_two_workers_with_metrics_checkpoints_and_export(tmp_path, latents, ray_cluster):
@@ -68,19 +92,75 @@ def test_ddp_on_two_workers_with_metrics_checkpoints_and_export(tmp_path, latent
     assert out["image"].shape == (1, *SHAPES["image"]) and torch.isfinite(out["image"]).all()
 
 
-def test_fsdp_with_s3_storage_and_resume(s3_server, latents, ray_cluster):
+def _scalars(event_file: bytes, tag: str) -> dict[int, float]:
+    """step -> value of `tag` in a TensorBoard event file (TFRecord framing: length, its CRC, the
+    record, its CRC)."""
+    out, at = {}, 0
+    while at < len(event_file):
+        (length,) = struct.unpack("<Q", event_file[at:at + 8])
+        event = Event.FromString(event_file[at + 12:at + 12 + length])
+        at += 12 + length + 4
+        for value in event.summary.value:
+            if value.tag == tag:
+                out[event.step] = value.simple_value
+    return out
+
+
+def test_fsdp_with_s3_storage_resume_and_logs(s3_server, latents, ray_cluster):
+    """metrics.jsonl and TensorBoard events land in the s3:// run directory; a resumed run appends
+    to the lines already there and adds its own event file beside the first one."""
     storage = s3_server.storage.model_dump()
     bucket = s3_server.new_bucket()
     config = _config(latents, f"s3://{bucket}/train", "s3run", storage=storage, steps=10, parallel={"strategy": "fsdp"},
                      log={"every": 5, "tensorboard_dir": None})
     run(TrainConfig.model_validate(config))
+    run_dir = f"s3://{bucket}/train/s3run"
+    assert [m["step"] for m in read_metrics(run_dir, s3_server.storage)] == [5, 10]
     endpoint = f"storage.endpoint_url={s3_server.endpoint_url}"
-    assert main(["--resume", f"s3://{bucket}/train/s3run", endpoint, "steps=15"]) == 0
-    from pipelines import storage as st
+    assert main(["--resume", run_dir, endpoint, "steps=15"]) == 0
 
-    manifest = json.loads(st.read_bytes(f"s3://{bucket}/train/s3run/manifest.json", s3_server.storage))
+    manifest = json.loads(st.read_bytes(f"{run_dir}/manifest.json", s3_server.storage))
     assert manifest["final_metrics"]["step"] == 15
-    assert st.exists(f"s3://{bucket}/train/s3run/model/config.json", s3_server.storage)
+    assert st.exists(f"{run_dir}/model/model_index.json", s3_server.storage)
+    metrics = read_metrics(run_dir, s3_server.storage)
+    assert [m["step"] for m in metrics] == [5, 10, 15]
+    assert metrics[-1]["loss"] == pytest.approx(manifest["final_metrics"]["loss"])
+    events = st.list_files(f"{run_dir}/tensorboard", s3_server.storage)
+    assert len(events) == 2 and all(e.rsplit("/", 1)[1].startswith("events.out.tfevents") for e in events)
+    losses = {}
+    for e in events:
+        losses.update(_scalars(st.read_bytes(e, s3_server.storage), "loss"))
+    assert losses == pytest.approx({m["step"]: m["loss"] for m in metrics})
+
+
+def test_validation_rows_found_in_any_part(tmp_path, latents_by_source, ray_cluster):
+    first = min((latents_by_source / "latents").iterdir())
+    assert "it" not in set(pq.read_table(first, columns=["source"]).column("source").to_pylist())
+    config = _config(latents_by_source, str(tmp_path), "by_source", steps=4, checkpoint={"every": 4, "keep": 1},
+                     log={"every": 2}, validation={"rows": 16})
+    run(TrainConfig.model_validate(config))
+    metrics = _metrics(tmp_path / "by_source")
+    assert [m["step"] for m in metrics] == [2, 4]
+    assert metrics[-1]["val/loss"] > 0 and "val/ema_loss" in metrics[-1]
+
+
+def test_validation_batches_of_an_empty_table_are_none(latents):
+    from jobs.train_worker import _validation_batches
+
+    config = TrainConfig.model_validate(_config(latents, "unused", "empty"))
+    empty = pq.read_table(min((latents / "latents").iterdir())).slice(0, 0)
+    assert _validation_batches(config, empty, torch.device("cpu")) == []
+
+
+def test_validation_dataset_without_usable_rows_is_a_config_error(tmp_path, latents_by_source, ray_cluster, capsys):
+    config = _config(latents_by_source, str(tmp_path), "unusable", validation={"dataset": "sounds"})
+    config["datasets"][1]["tasks"] = {"t2i": 1.0}  # its source holds audio and captions, no image
+    path = tmp_path / "unusable.json"
+    path.write_text(json.dumps(config))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "validation.dataset 'sounds'" in err and "['at']" in err and "['t2i']" in err
+    assert not (tmp_path / "unusable").exists()  # refused before the run started
 
 
 def _train_workers(root: int) -> list[psutil.Process]:
