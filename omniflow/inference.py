@@ -37,17 +37,23 @@ from omniflow.tasks import BUILTIN_TASKS, Task, get_task
 
 # A request's input field for each modality (text is a caption, image and audio are encoded media)
 INPUT_FIELDS: dict[Modality, str] = {Modality.TEXT: "text", Modality.IMAGE: "image", Modality.AUDIO: "audio"}
+MAX_TEXT_CHARS = 2000  # a caption longer than this is refused unread
 
 
 class InputPreparer:
     """Request media -> codec inputs, from the codec configs alone (no weights are loaded).
 
     `codecs` is the `codecs` entry of a model directory's `omniflow.json` (modality -> codec config).
+    Sizes are checked before anything reads an input: a text's length (`max_text_chars`), an
+    image's width x height from its header (`max_image_pixels`), audio's header (see
+    `omniflow.codecs.media.decode_audio`).
     """
 
-    def __init__(self, codecs: Mapping[str, Mapping[str, Any]], *, max_image_pixels: int = MAX_IMAGE_PIXELS):
+    def __init__(self, codecs: Mapping[str, Mapping[str, Any]], *, max_image_pixels: int = MAX_IMAGE_PIXELS,
+                 max_text_chars: int = MAX_TEXT_CHARS):
         self.configs = {Modality(m): codec_config(c) for m, c in codecs.items()}
         self.max_image_pixels = max_image_pixels
+        self.max_text_chars = max_text_chars
 
     @property
     def modalities(self) -> tuple[Modality, ...]:
@@ -72,6 +78,12 @@ class InputPreparer:
     def _prepare(self, modality: Modality, value: Any) -> Any:
         config = self.configs[modality]
         if modality == Modality.TEXT:
+            if len(value) > self.max_text_chars:  # before strip() or a tokenizer reads it
+                raise MediaError(f"text has {len(value):,} characters, above the limit of {self.max_text_chars:,}")
+            try:
+                value.encode("utf-8")  # JSON's \ud800 escapes give lone surrogates; tokenizers refuse them
+            except UnicodeEncodeError as err:
+                raise MediaError(f"text is not valid Unicode: a lone surrogate at character {err.start}") from None
             if not value.strip():
                 raise MediaError("text is empty")
             return value

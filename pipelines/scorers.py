@@ -15,6 +15,7 @@ row lacks the media or the caption.
 """
 
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,13 @@ SCORE_STAGE = "score"  # the reject_stage of media that fail to decode here
 CLIP_PIXELS = "clip_pixels"  # (3, S, S) float32, zeros where the row has no image
 CLAP_FEATURES = "clap_features"  # (channels, frames, mel bins) float32
 CLAP_IS_LONGER = "clap_is_longer"
+# Text encoders read a few hundred tokens (CLIP 77, CLAP 512), but tokenizers work on the whole
+# caption, and BPE is quadratic in a word's length (open_clip takes 4 s for one 20,000-letter word).
+# So a caption is cut to what a context could use and runs of non-space characters longer than
+# any word are split before tokenising; captions within both bounds are tokenised unchanged.
+MAX_TOKENIZED_CHARS = 4096
+MAX_WORD_CHARS = 64
+_LONG_WORD = re.compile(rf"\S{{{MAX_WORD_CHARS}}}(?=\S)")
 
 
 class ClipScoringConfig(BaseModel):
@@ -106,6 +114,16 @@ def _vectors(n: int, rows: np.ndarray, values_RD: torch.Tensor, field: pa.Field)
 
 def _tensor_rows(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).combine_chunks().to_numpy_ndarray()
+
+
+def tokenizer_text(caption: str) -> str:
+    """`caption` as a text encoder's tokenizer gets it: at most `MAX_TOKENIZED_CHARS` characters,
+    runs of non-space characters broken every `MAX_WORD_CHARS`, so tokenising is linear.
+
+        >>> tokenizer_text("a red circle") == "a red circle"
+        True
+    """
+    return _LONG_WORD.sub(r"\g<0> ", caption[:MAX_TOKENIZED_CHARS])
 
 
 # ---- CLIP ------------------------------------------------------------------------------------
@@ -180,7 +198,8 @@ class ClipScorer:
                 aesthetic_scores = self.aesthetic(image_embeds)
             if len(with_pair):
                 paired = image_embeds[np.searchsorted(with_image, with_pair)]
-                clip_scores = self.clip.similarity(paired, self.clip.embed_texts([captions[i] for i in with_pair]))
+                texts = [tokenizer_text(captions[i]) for i in with_pair]
+                clip_scores = self.clip.similarity(paired, self.clip.embed_texts(texts))
         out = batch.drop_columns([CLIP_PIXELS])
         out = _set_column(out, CLIP_SCORE, _scores(n, with_pair, clip_scores, CLIP_SCORE))
         out = _set_column(out, IMAGE_EMBEDDING, _vectors(n, with_image, image_embeds, IMAGE_EMBEDDING))
@@ -262,7 +281,8 @@ class ClapScorer:
                 is_longer=torch.from_numpy(batch.column(CLAP_IS_LONGER).to_numpy()[rows]).reshape(-1, 1),
             )
             scores = self.clap.similarity(
-                self.clap.embed_features(features), self.clap.embed_texts([captions[i] for i in rows])
+                self.clap.embed_features(features),
+                self.clap.embed_texts([tokenizer_text(captions[i]) for i in rows]),
             )
         out = batch.drop_columns([CLAP_FEATURES, CLAP_IS_LONGER])
         return _set_column(out, CLAP_SCORE, _scores(batch.num_rows, rows, scores, CLAP_SCORE))

@@ -200,7 +200,8 @@ class Frontend:
     def __init__(self, generator: DeploymentHandle, limits: dict, codecs: dict):
         self.generator = generator
         self.limits = Limits.model_validate(limits)
-        self.prepare = InputPreparer(codecs, max_image_pixels=self.limits.max_image_pixels)
+        self.prepare = InputPreparer(codecs, max_image_pixels=self.limits.max_image_pixels,
+                                     max_text_chars=self.limits.max_text_chars)
         self._described: dict | None = None
 
     async def described(self) -> dict:

@@ -80,12 +80,13 @@ def check_request(request: GenerateRequest, limits: Limits) -> None:
     def values(x: float | dict) -> list[float]:
         return list(x.values()) if isinstance(x, dict) else [x]
 
+    # the text first: nothing should read a text over the limit
+    if request.text is not None and len(request.text) > limits.max_text_chars:
+        raise ValueError(f"text has {len(request.text):,} characters, above the limit of {limits.max_text_chars:,}")
     if request.steps > limits.max_steps:
         raise ValueError(f"steps={request.steps} is above this service's limit of {limits.max_steps}")
     if request.num_outputs > limits.max_outputs:
         raise ValueError(f"num_outputs={request.num_outputs} is above this service's limit of {limits.max_outputs}")
-    if request.text is not None and len(request.text) > limits.max_text_chars:
-        raise ValueError(f"text has {len(request.text)} characters, above the limit of {limits.max_text_chars}")
     if any(not 0 <= g <= limits.max_guidance for g in values(request.guidance)):
         raise ValueError(f"guidance must be in [0, {limits.max_guidance:g}], got {request.guidance}")
     if any(not 0 < s <= limits.max_shift for s in values(request.shift)):

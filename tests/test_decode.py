@@ -1,13 +1,14 @@
 """Decode stage: every kind of bad input becomes a reject with a readable reason, never an error."""
 
 import io
-import struct
-import zlib
+import re
+import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import soundfile
+from hostile_media import flac_claiming, png_claiming
 from pydantic import ValidationError
 
 from omniflow.codecs.media import encode_audio, encode_image
@@ -33,23 +34,6 @@ def decode(rows: list[dict], config: DecodeConfig | None = None) -> list[dict]:
     out = Decode(config)(batch(rows))
     assert out.schema == SCORED_SAMPLE
     return out.to_pylist()
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims `width` x `height` pixels, with hardly any data behind it."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_planted_defects():
@@ -88,7 +72,7 @@ def test_planted_defects():
         ({"image": IMAGE}, {"max_image_pixels": 50}, "over the 50-pixel limit"),
         ({"image": IMAGE}, {"max_image_bytes": 10}, "over max_image_bytes=10"),
         ({"audio": TONE}, {"max_audio_bytes": 10}, "over max_audio_bytes=10"),
-        ({"audio": TONE}, {"max_audio_seconds": 0.5}, "1.0 s long, over max_audio_seconds=0.5"),
+        ({"audio": TONE}, {"max_audio_seconds": 0.5}, "1.0 s long, over the 0.5-second limit"),
         ({"image": b""}, {}, "image is empty"),
         ({"image": TONE}, {}, "image could not be decoded"),
         ({"audio": IMAGE}, {}, "audio could not be decoded"),
@@ -206,3 +190,66 @@ def test_resources_and_config_validation():
     with pytest.raises(ValidationError, match="max_image_pixels"):
         DecodeConfig(max_image_pixels=0)
     assert Decode()(READ_SAMPLE.empty_table()).schema == SCORED_SAMPLE
+
+
+def test_sizes_are_checked_before_anything_is_decoded_or_scanned():
+    huge_caption = "https://x.io/" + "\x00" * 5000  # junk too, but its length is what is reported
+    (out,) = decode([{"image": b"junk", "caption": huge_caption, "audio": b"junk"}])
+    assert out["reject_reason"] == "caption is 5,013 characters, over max_caption_chars=2000"
+    row = {"image": IMAGE, "caption": "\x00", "audio": TONE}
+    (out,) = decode([row], DecodeConfig(max_audio_bytes=10))
+    assert out["reject_reason"].startswith("audio is")
+    assert out["reject_reason"].endswith("bytes, over max_audio_bytes=10")
+    assert ";" not in out["reject_reason"] and out["image_width"] is None  # nothing was decoded
+    assert out["content_hash"] is not None  # still identifiable
+
+
+@pytest.mark.parametrize(
+    "flac,config,reason",
+    [
+        (flac_claiming(frames=2**35), {}, "over the 60-second limit"),  # 24 days; 128 GiB
+        (
+            flac_claiming(frames=100_000_000, sample_rate=768_000),
+            {"max_audio_seconds": 600},
+            "over the 64,000,000-sample limit",
+        ),
+        (flac_claiming(frames=1600, sample_rate=0), {}, "could not be decoded"),
+        (flac_claiming(frames=1600, sample_rate=500), {}, "sample rate 500 Hz is outside"),
+    ],
+    ids=["days", "samples", "rate-zero", "rate-low"],
+)
+def test_audio_headers_are_checked_before_reading(flac, config, reason):
+    start = time.perf_counter()
+    (out,) = decode([{"audio": flac}], DecodeConfig(**config))
+    assert time.perf_counter() - start < 0.5
+    assert out["reject_stage"] == "decode" and reason in out["reject_reason"], out["reject_reason"]
+
+
+def test_caption_checks_are_linear_in_its_length():
+    # 200,000 letters without "://": a URL regex searched over the text retried the scheme at every
+    # letter, about 30 s; one pass takes milliseconds.
+    for caption in ("a" * 200_000, "a1" * 100_000, "www" * 70_000, ("a" * 63 + " ") * 3000):
+        start = time.perf_counter()
+        assert caption_problem(caption, max_chars=10**6) is None
+        assert time.perf_counter() - start < 1.0, caption[:10]
+
+
+# The definition of "only a URL" that the one-pass check keeps: delete every URL, and only
+# punctuation and ASCII whitespace may remain.
+_URL_REFERENCE = re.compile(r"(?:[a-zA-Z][a-zA-Z0-9+.-]*://|www\.)\S+")
+_TRIVIAL = " \t\r\n\f\v" + "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def test_only_a_url_agrees_with_deleting_urls():
+    rng = np.random.default_rng(0)
+    alphabet = list("aZw1+.-:/ !(<>_é\u3000\u00a0") + ["://", "www.", "http", " www.", "://x"]
+    agreed = {True: 0, False: 0}
+    for _ in range(20_000):
+        caption = "".join(rng.choice(alphabet, size=rng.integers(1, 12)))
+        if not caption.strip():
+            continue
+        expected = not _URL_REFERENCE.sub("", caption).strip(_TRIVIAL)
+        got = caption_problem(caption, max_chars=100) == "caption is only a URL"
+        assert got == expected, repr(caption)
+        agreed[expected] += 1
+    assert min(agreed.values()) > 500  # both outcomes were exercised

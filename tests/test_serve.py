@@ -258,3 +258,28 @@ def test_config_file_and_local_command(model_dir):
     bad = subprocess.run([sys.executable, "-m", "serve", "--model", str(model_dir.parent / "nowhere")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "omniflow.json" in bad.stderr
+
+
+def test_hostile_inputs_get_a_quick_4xx_and_leave_the_service_healthy(service, media):
+    import time
+
+    from hostile_media import png_claiming, wav_claiming
+
+    rng = np.random.default_rng(7)
+    noise = rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    cases = [
+        ("1 MB caption", {"task": "t2i", "text": "a" * 2**20}, 413),  # over the body limit
+        ("caption under the body limit", {"task": "t2i", "text": "\u0301" * (MAX_BODY // 8)}, 422),
+        ("lone surrogate", {"task": "t2i", "text": "red \ud800 circle"}, 422),
+        ("random bytes image", {"task": "i2t", "image": _b64(noise)}, 422),
+        ("random bytes after a PNG signature", {"task": "i2t", "image": _b64(b"\x89PNG\r\n\x1a\n" + noise)}, 422),
+        ("PNG claiming 100000x100000", {"task": "i2t", "image": _b64(png_claiming(100_000, 100_000))}, 422),
+        ("WAV claiming 2^31 Hz", {"task": "a2t", "audio": _b64(wav_claiming(frames=100, sample_rate=2**31 - 1))}, 422),
+    ]
+    for case, body, status in cases:
+        start = time.perf_counter()
+        got, answer = _post(service, json.dumps(body).encode())
+        assert (got, time.perf_counter() - start < 5) == (status, True), (case, got, answer)
+    client = Client(service)
+    assert client.health() == {"status": "ok"}
+    assert client.generate("t2i", text=media["text"], steps=2, seed=1).image
