@@ -19,7 +19,11 @@ PACKAGES = ("omniflow-ray", "ray", "torch", "torchvision", "diffusers", "transfo
 
 
 class ConfigError(ValueError):
-    """A config that does not validate; the message names each bad field and value."""
+    """A bad command line or config; the message is one line naming each bad field and value."""
+
+    def __init__(self, message: str):
+        # A job prints it as one `error: ...` line, whatever a validator or parser put in it.
+        super().__init__(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
 
 
 class RayConfig(BaseModel):
@@ -30,18 +34,50 @@ class RayConfig(BaseModel):
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """["a.b=3", "c=[1, 2]"] -> {"a": {"b": 3}, "c": [1, 2]}; values are parsed as YAML."""
+    """["a.b=3", "c=[1, 2]"] -> {"a": {"b": 3}, "c": [1, 2]}; values are parsed as YAML.
+
+    Two overrides of one field, or of a field and a field inside it (`a=1 a.b=2`), are refused
+    rather than one silently winning.
+
+        >>> parse_overrides(["a.b=3", "c=[1, 2]", "d="])
+        {'a': {'b': 3}, 'c': [1, 2], 'd': None}
+    """
     out: dict[str, Any] = {}
+    given: dict[tuple[str, ...], str] = {}  # each key set so far -> the override that set it
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        dotted, raw = item.split("=", 1)
+        path, value = _parse_override(item)
+        for earlier, by in given.items():
+            shorter = min(len(earlier), len(path))
+            if earlier[:shorter] == path[:shorter]:
+                raise ConfigError(f"override {item!r} conflicts with {by!r}: both set {'.'.join(path[:shorter])}")
+        given[path] = item
         node = out
-        *parents, leaf = dotted.split(".")
-        for name in parents:
+        for name in path[:-1]:
             node = node.setdefault(name, {})
-        node[leaf] = yaml.safe_load(raw)
+        node[path[-1]] = value
     return out
+
+
+def _parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """"a.b=[1, 2]" -> (("a", "b"), [1, 2])."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    dotted, raw = item.split("=", 1)
+    path = tuple(name.strip() for name in dotted.split("."))
+    if not all(path):
+        raise ConfigError(f"override {item!r} has an empty key or key part")
+    try:
+        return path, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {dotted}: value {raw!r} is not valid YAML ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's complaint and where, in one line (its own message spans several)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(err)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -51,32 +87,47 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def _describe(err: ValidationError) -> str:
-    lines = []
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def config_error(err: ValidationError) -> ConfigError:
+    """One line naming every field that failed and the value it got: `a.b: <why> (got 3); c: ...`."""
+    problems = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-        lines.append(f"  {where}: {e['msg']}{got}")
-    return "\n".join(lines)
+        got = f" (got {_short(e['input'])})" if "input" in e and not isinstance(e["input"], dict) else ""
+        problems.append(f"{where}: {e['msg']}{got}")
+    return ConfigError(f"invalid config: {'; '.join(problems)}")
+
+
+def _read_yaml_mapping(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:  # bytes: the YAML reader reports bad UTF-8 as a YAML error
+            raw = yaml.safe_load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(err)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping of field: value, not a {type(raw).__name__}")
+    return raw
 
 
 def load_config(model: type[ConfigT], source: str | dict | None, overrides: Sequence[str] = ()) -> ConfigT:
-    """Read YAML file `source` (or take the dict itself), apply key=value overrides, validate with `model`."""
-    raw: dict = {}
-    if isinstance(source, dict):
-        raw = source
-    elif source:
-        try:
-            with open(source) as f:
-                raw = yaml.safe_load(f) or {}
-        except OSError as err:
-            raise ConfigError(f"cannot read config {source}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config {source} is not valid YAML: {err}") from None
+    """Read YAML file `source` (or take the dict itself), apply key=value overrides, validate with `model`.
+
+    Every problem (a file that is missing, not YAML or not a mapping; a malformed or conflicting
+    override; a field that does not validate) raises `ConfigError`, one line naming the key.
+    """
+    raw = source if isinstance(source, dict) else _read_yaml_mapping(source) if source else {}
     try:
         return model.model_validate(_merge(raw, parse_overrides(overrides)))
     except ValidationError as err:
-        raise ConfigError(f"invalid config:\n{_describe(err)}") from None
+        raise config_error(err) from None
 
 
 def config_hash(config: BaseModel) -> str:
@@ -113,13 +164,18 @@ def job_main(
 ) -> int:
     """A job's `main`: parse the command line, load and validate the config, run it.
 
-    Returns the exit status: 0 when the run finished, 2 for a bad command line or config (the
-    message names what to fix), 1 for one of the job's own expected `errors` (message only, no
-    traceback). `parser` and `load` replace the default `--config FILE key=value ...` handling.
+    Returns the exit status: 0 when the run finished, 2 for a bad command line or config (one
+    `error: ...` line on stderr naming what to fix), 1 for one of the job's own expected `errors`
+    (message only, no traceback). `parser` and `load` replace the default
+    `--config FILE key=value ...` handling.
     """
     args = (parser or job_parser(prog, description or "")).parse_args(argv)
     try:
-        config = load(args) if load else load_config(config_model, args.config, args.overrides)
+        try:
+            config = load(args) if load else load_config(config_model, args.config, args.overrides)
+        except ValidationError as err:  # a `load` that validated a model of its own
+            raise config_error(err) from None
+        check_outputs_outlive_job(config)
         run(config)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -128,6 +184,31 @@ def job_main(
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+# Fields that name where a job writes; what is written under a relative one would be lost (below).
+OUTPUT_FIELDS = ("output", "storage_path", "export.path")
+
+
+def check_outputs_outlive_job(config: BaseModel) -> None:
+    """Refuse a relative output path in a job submitted with a working directory.
+
+    `ray job submit --working-dir DIR` runs the job in a temporary copy of DIR that Ray deletes
+    when the job ends, so a relative output would be written there and lost although the job
+    succeeds. Ray passes the job's runtime env to its driver in RAY_JOB_CONFIG_JSON_ENV_VAR.
+    """
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if not (job.get("runtime_env") or {}).get("working_dir"):
+        return
+    for dotted in OUTPUT_FIELDS:
+        value: Any = config
+        for name in dotted.split("."):
+            value = getattr(value, name, None)
+        if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+            raise ConfigError(
+                f"{dotted} {value!r} is relative, and this job runs in the temporary copy of its working "
+                f"directory that Ray deletes when the job ends: give an absolute path or an s3:// URL"
+            )
 
 
 def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> None:

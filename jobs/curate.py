@@ -45,7 +45,7 @@ from pipelines.schema import CURATED_SAMPLE, DROPPED_SAMPLE, KEPT, SCHEMA_VERSIO
 from pipelines.scorers import ClapPreprocess, ClapScorer, ClapScoringConfig, ClipPreprocess, ClipScorer, ClipScoringConfig
 from pipelines.sources import SourceConfig, list_shards, read_sources
 from pipelines.weighting import WeightingConfig, source_weights
-from pipelines.writer import AtomicParquetSink, committed_keys, committed_parts, read_parts
+from pipelines.writer import AtomicParquetSink, committed_keys, committed_parts, deduplicate_parts, read_parts
 
 SMALL_COLUMNS = [
     "key", "source", "sample_id", "caption", "image_width", "image_height", "audio_seconds", "content_hash",
@@ -127,17 +127,16 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
     import ray
 
     storage = config.storage
-    parts = committed_parts(st.join(config.output, "scored"), storage)
+    scored_dir = st.join(config.output, "scored")
+    # A scoring write task retried after it had committed repeats its rows: one copy per key stays.
+    scored_duplicates = deduplicate_parts(committed_parts(scored_dir, storage), storage=storage)
+    parts = committed_parts(scored_dir, storage)
     # Embeddings are the one wide column: read them only when a near-duplicate rule needs them.
     columns = SMALL_COLUMNS + (["image_embedding"] if any(s.filters.near_duplicate_cosine for s in config.sources) else [])
     small = read_parts(parts, storage, columns=columns)
     if small is None:
         small = SCORED_SAMPLE.empty_table().select(columns)
-    # A write task retried after it had committed would repeat its rows: keep one per key. The
-    # table comes out sorted by key, the order `decide` returns its decisions in.
-    _, first = np.unique(small.column("key").to_numpy(zero_copy_only=False).astype(str), return_index=True)
-    duplicates = small.num_rows - len(first)
-    small = small.take(pa.array(first, pa.int64()))
+    small = small.sort_by("key")  # the order `decide` returns its decisions in
 
     filters = {s.source.name: s.filters for s in config.sources}
     decisions = decide(small, filters)
@@ -187,6 +186,8 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
     )
     rejects_path = st.join(config.output, "rejects", f"{run_id}.parquet")
     st.write_parquet_atomic(conform(dropped, DROPPED_SAMPLE), rejects_path, storage)
+    # Retried curated write tasks leave copies too (rejects come from one write, disjoint from kept).
+    duplicates = deduplicate_parts(committed_parts(curated_dir, storage), [rejects_path], storage=storage)
 
     plots = {}
     for score in SCORES:
@@ -199,7 +200,8 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
     return {
         "run_id": run_id,
         "counts": counts,
-        "duplicate_scored_rows_dropped": int(duplicates),
+        "duplicate_scored_rows_dropped": scored_duplicates.rows,
+        "duplicate_rows_dropped": duplicates.rows,
         "score_quantiles": quantiles,
         "thresholds": decisions.thresholds,
         "source_weights": weights,

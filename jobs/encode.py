@@ -39,7 +39,7 @@ from pipelines import storage as st
 from pipelines.encode import EncodingConfig, LatentEncoder, LatentPreprocess, LatentSink, read_encode_inputs
 from pipelines.latents import LatentLayout, latent_layout
 from pipelines.schema import LATENT_MODALITIES, LATENT_STORAGE, SCHEMA_VERSION
-from pipelines.writer import committed_parts, read_parts
+from pipelines.writer import committed_parts, deduplicate_parts, read_parts
 
 INPUT_JOBS = {"curate": "curated", "synthesize": "triplets"}  # input job -> its outputs entry
 
@@ -58,7 +58,8 @@ class EncodeConfig(EncodingConfig):
     @model_validator(mode="before")
     @classmethod
     def _toy_codecs(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("toy_codecs"):
+        # Not a string: left to the field's own check, which names it.
+        if isinstance(data, dict) and data.get("toy_codecs") and isinstance(data["toy_codecs"], str):
             from omniflow.toy.codecs import toy_codec_configs
 
             try:
@@ -122,33 +123,6 @@ def output_layout(parts: list[str], encoding: EncodingConfig, storage: st.Storag
         return latent_layout(pq.read_schema(f))
 
 
-def drop_duplicate_rows(output: str, storage: st.StorageConfig) -> int:
-    """Rewrite parts so that every key is in one part only (latents first, then rejects).
-
-    A Ray write task retried after it had committed, or a key that the input holds twice, leaves
-    a row twice; this removes the later copies, each part rewritten atomically. Returns the
-    number of rows dropped.
-    """
-    seen, dropped = set(), 0
-    for kind in ("latents", "rejects"):
-        for path in committed_parts(st.join(output, kind), storage):
-            keys = read_parts([path], storage, columns=["key"]).column("key").to_pylist()
-            repeated = np.zeros(len(keys), bool)
-            for i, key in enumerate(keys):  # also a key twice in one part
-                repeated[i] = key in seen
-                seen.add(key)
-            if not repeated.any():
-                continue
-            dropped += int(repeated.sum())
-            if repeated.all():
-                st.remove(path, storage)
-                continue
-            with st.open_input(path, storage) as f:
-                table = pq.read_table(f)
-            st.write_parquet_atomic(table.filter(pa.array(~repeated)), path, storage)
-    return dropped
-
-
 def _counts(config: EncodeConfig, inputs: pa.Table) -> dict[str, dict]:
     """Per source: input = encoded + rejected, rejects by stage, encoded rows per modality."""
     storage = config.storage
@@ -206,7 +180,10 @@ def run(config: EncodeConfig) -> dict:
                           ray_remote_args={"num_cpus": config.io_num_cpus})
 
     progress.phase("counting")
-    duplicates = drop_duplicate_rows(config.output, storage)
+    # A row written twice (a write task retried after it had committed, or a key the input holds
+    # twice) stays once; a row in both latents and rejects stays in latents.
+    duplicates = deduplicate_parts(committed_parts(st.join(config.output, "latents"), storage),
+                                   committed_parts(st.join(config.output, "rejects"), storage), storage=storage)
     counts = _counts(config, inputs)
     timings = progress.done()
     new_rows = inputs.num_rows - len(done)
@@ -221,7 +198,7 @@ def run(config: EncodeConfig) -> dict:
         "counts": counts,
         "resumed_rows": len(done),
         "input_duplicate_keys": input_duplicates,
-        "duplicate_rows_dropped": duplicates,
+        "duplicate_rows_dropped": duplicates.rows,
         "modalities": {
             "encoded": [m.value for m in encoding.modalities],
             "left_out": [m for m in LATENT_MODALITIES if m not in {x.value for x in encoding.modalities}],

@@ -45,7 +45,7 @@ from pipelines.generators.base import ModalityName
 from pipelines.generators.config import GeneratorsConfig
 from pipelines.generators.parts import TripletSink, read_curated_part
 from pipelines.schema import DROPPED_SAMPLE, SCHEMA_VERSION, TRIPLET_SAMPLE
-from pipelines.writer import committed_keys, committed_parts, read_parts
+from pipelines.writer import committed_keys, committed_parts, deduplicate_parts, read_parts
 
 
 class SynthesizeConfig(BaseModel):
@@ -100,33 +100,14 @@ def curated_parts(config: SynthesizeConfig) -> tuple[str, list[str]]:
     return path, manifest["outputs"]["curated"]
 
 
-# ---- output --------------------------------------------------------------------------------
-
-
-def _drop_duplicate_rows(parts: list[str], storage: st.StorageConfig) -> int:
-    """Rewrite parts holding keys that an earlier part already holds (a write task that Ray retried
-    after it had committed) without them; return how many rows were dropped."""
-    seen: set[str] = set()
-    dropped = 0
-    for path in parts:
-        repeated = []
-        for key in read_parts([path], storage, columns=["key"]).column("key").to_pylist():
-            repeated.append(key in seen)
-            seen.add(key)
-        if any(repeated):
-            dropped += sum(repeated)
-            table = read_parts([path], storage).filter(pa.array([not r for r in repeated]))
-            st.write_parquet_atomic(table, path, storage)
-    return dropped
-
-
 # ---- the job -------------------------------------------------------------------------------
 
 
 def synthesize_stage(config: SynthesizeConfig, parts: list[str], progress: Progress) -> dict[str, int]:
     """Generate and write every input row not yet in `triplets/` or `rejects/`.
 
-    Returns the input rows per source (read from the parts' key and source columns).
+    Returns the input rows per source (read from the parts' key and source columns), a key that
+    the input holds twice (a retried write upstream) counted once: its outputs are de-duplicated.
     """
     import ray
 
@@ -134,11 +115,11 @@ def synthesize_stage(config: SynthesizeConfig, parts: list[str], progress: Progr
     done = committed_keys(st.join(config.output, "triplets"), storage) | committed_keys(
         st.join(config.output, "rejects"), storage
     )
-    items, input_counts = [], Counter()
+    items, source_of = [], {}
     for path in parts:
         index = read_parts([path], storage, columns=["key", "source"])
-        input_counts.update(index.column("source").to_pylist())
         keys = index.column("key").to_pylist()
+        source_of.update(zip(keys, index.column("source").to_pylist()))
         skip = [k for k in keys if k in done]
         if len(skip) < len(keys):
             items.append({"path": path, "skip": skip})
@@ -146,7 +127,7 @@ def synthesize_stage(config: SynthesizeConfig, parts: list[str], progress: Progr
         progress.log(f"resuming: {len(done)} rows already written")
     if not items:
         progress.log("nothing left to generate")
-        return dict(input_counts)
+        return dict(Counter(source_of.values()))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_curated_part, fn_kwargs={"storage": storage, "fill": list(config.fill)},
         batch_size=1, batch_format="pyarrow", num_cpus=config.io_num_cpus,
@@ -157,7 +138,7 @@ def synthesize_stage(config: SynthesizeConfig, parts: list[str], progress: Progr
             ds = ds.map_batches(GenerateStage, **GenerateStage.map_batches_kwargs(modality, generator, base_seed=config.seed))
     sink = TripletSink(config.output, storage, rows_per_part=config.rows_per_part)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": config.io_num_cpus})
-    return dict(input_counts)
+    return dict(Counter(source_of.values()))
 
 
 def _counts(config: SynthesizeConfig, input_counts: dict[str, int], triplets: pa.Table, rejects: pa.Table) -> dict:
@@ -222,8 +203,11 @@ def run(config: SynthesizeConfig) -> dict:
     progress.phase("generating")
     input_counts = synthesize_stage(config, parts, progress)
     progress.phase("counting and checking")
+    # A write task retried after it had committed leaves rows twice, or (first failed, then
+    # succeeded) a key in both outputs: one copy stays, a triplet over a reject.
+    duplicates = deduplicate_parts(committed_parts(st.join(config.output, "triplets"), storage),
+                                   committed_parts(st.join(config.output, "rejects"), storage), storage=storage)
     outputs = {kind: committed_parts(st.join(config.output, kind), storage) for kind in ("triplets", "rejects")}
-    duplicates = sum(_drop_duplicate_rows(outputs[kind], storage) for kind in outputs)
     flags = [f"{m}_synthetic" for m in MODALITIES]
     triplets = read_parts(outputs["triplets"], storage, columns=["key", "source", *flags])
     rejects = read_parts(outputs["rejects"], storage, columns=["key", "source", "reason"])
@@ -240,7 +224,7 @@ def run(config: SynthesizeConfig) -> dict:
         "input": {"manifest": manifest_path, "curated": parts},
         "counts": counts,
         "reject_reasons": dict(reasons.most_common()),
-        "duplicate_rows_dropped": duplicates,
+        "duplicate_rows_dropped": duplicates.rows,
         "semantics": agreement,
         "outputs": outputs,
         "timings": progress.done(),

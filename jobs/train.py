@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import BaseModel, Field
 
 from jobs.common import (
     ConfigError,
@@ -42,7 +43,6 @@ from jobs.common import (
     job_main,
     load_config,
     package_versions,
-    parse_overrides,
 )
 from jobs.train_config import TrainConfig
 from jobs.train_logs import TENSORBOARD_DIR, metrics_path
@@ -311,13 +311,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StorageOnly(BaseModel):
+    """The `storage.*` overrides of `--resume`, validated as the run's config validates them."""
+
+    storage: st.StorageConfig = Field(default_factory=st.StorageConfig)
+
+
 def _load(args: argparse.Namespace) -> TrainConfig:
     if not args.resume:
         return load_config(TrainConfig, args.config, args.overrides)
     if args.config:
         raise ConfigError("give --config or --resume, not both")
     # an s3:// run directory is read with the storage.* settings given as overrides
-    storage = st.StorageConfig(**parse_overrides(args.overrides).get("storage", {}))
+    storage = load_config(_StorageOnly, {}, [o for o in args.overrides if o.split("=", 1)[0].split(".")[0] == "storage"]).storage
     saved = st.join(args.resume, CONFIG_FILE)
     if not st.exists(saved, storage):
         raise ConfigError(f"{args.resume} has no {CONFIG_FILE}: not a run directory of this job")

@@ -21,8 +21,7 @@ def tiny_model() -> torch.nn.Module:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
-    """A local Ray cluster (2 CPUs) shared by the session's tests, started the way jobs start one
-    (`tests/test_job_submit.py` has to stop it, and starts it again).
+    """A local Ray cluster (2 CPUs) shared by the session's tests, started the way jobs start one.
 
     It starts after the S3 fixture: Ray workers take their S3 credentials from the environment
     they inherit, so the server's (fake) credentials must exist first.

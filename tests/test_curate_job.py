@@ -11,9 +11,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.curate import CurateConfig, main, run
 from jobs.common import ConfigError, load_config
+from jobs.curate import CurateConfig, main, run
+from pipelines import storage as st
 from pipelines.schema import CURATED_SAMPLE, DROPPED_SAMPLE
+from pipelines.writer import committed_parts, read_parts
 
 SOURCE = {"name": "shapes", "type": "shapesworld", "samples": 120, "seed": 3, "defect_rate": 0.25,
           "samples_per_shard": 20, "filters": {"min_caption_chars": 3}}
@@ -49,16 +51,31 @@ def test_local_run_writes_consistent_outputs(tmp_path, ray_cluster):
     assert semantics["defects_removed"] > 0 and semantics["clean_kept"] == 1.0
 
 
+def _keys(paths: list[str], storage) -> list[str]:
+    return sorted(k for p in paths for k in read_parts([p], storage, columns=["key"]).column("key").to_pylist())
+
+
 def test_s3_output_and_rerun_is_idempotent(s3_server, ray_cluster):
+    """On S3, with a scored part committed twice under two names (a scoring write task that Ray
+    retried): the rerun scores nothing, keeps one copy, and each key is kept or not, once."""
     bucket = s3_server.new_bucket()
     storage = {"endpoint_url": s3_server.endpoint_url}
     config = CurateConfig.model_validate(_config(f"s3://{bucket}/run", storage=storage))
     first = run(config)
     _check_manifest(first)
     assert all(p.startswith("s3://") for p in first["outputs"]["curated"])
+    first_kept = _keys(first["outputs"]["curated"], config.storage)
+    scored = committed_parts(f"s3://{bucket}/run/scored", config.storage)
+    st.write_bytes_atomic(f"s3://{bucket}/run/scored/part-retried.parquet", st.read_bytes(scored[0], config.storage),
+                          config.storage)
     second = run(config)  # everything already scored: nothing is read or scored again
-    assert second["counts"] == first["counts"]
-    from pipelines import storage as st
+    assert second["counts"] == first["counts"] and second["duplicate_rows_dropped"] == 0
+    assert second["duplicate_scored_rows_dropped"] == len(_keys(scored[:1], config.storage)) > 0
+    assert len(committed_parts(f"s3://{bucket}/run/scored", config.storage)) == len(scored)
+    kept, dropped = _keys(second["outputs"]["curated"], config.storage), _keys([second["outputs"]["rejects"]], config.storage)
+    assert len(kept) == len(set(kept)) == second["counts"]["shapes"]["kept"] and not set(kept) & set(dropped)
+    assert len(kept) + len(dropped) == len(set(kept + dropped)) == second["counts"]["shapes"]["input"]
+    assert kept == first_kept
 
     curated = st.list_files(f"s3://{bucket}/run/curated/*", config.storage)
     assert len(curated) == 1, "earlier runs' curated outputs are removed once the manifest moves on"

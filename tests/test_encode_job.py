@@ -181,16 +181,33 @@ def test_local_run_latents_match_the_codecs(uninterrupted, expected):
 
 
 def test_rerun_skips_everything_and_drops_duplicate_parts(uninterrupted, tmp_path):
+    """Parts as retried write tasks leave them: one committed twice under two names, and one whose
+    first attempt rejected rows that its retry encoded. Each key ends in one output, encoded rows
+    over their rejects; a second rerun changes nothing."""
     settings, rows, manifest = uninterrupted
     out = tmp_path / "out"
     shutil.copytree(settings["output"], out)
-    part = sorted((out / "latents").glob("part-*.parquet"))[0]
-    shutil.copy(part, part.with_name("part-copy.parquet"))  # as a retried write task would leave
-    again = run(EncodeConfig.model_validate({**settings, "output": str(out)}))
-    assert again["resumed_rows"] == len(rows) and again["duplicate_rows_dropped"] == pq.read_metadata(part).num_rows
+    part, other = sorted((out / "latents").glob("part-*.parquet"))[:2]
+    shutil.copy(part, part.with_name("part-copy.parquet"))
+    failed = pq.read_table(other, columns=["key", "source", "sample_id"]).slice(0, 3)
+    n = failed.num_rows
+    failed = failed.append_column("status", pa.array(["rejected"] * n)).append_column(
+        "stage", pa.array(["encode"] * n)).append_column("reason", pa.array(["worker lost"] * n))
+    pq.write_table(conform(failed.append_column("schema_version", pa.array([SCHEMA_VERSION] * n, pa.int16())),
+                           DROPPED_SAMPLE), out / "rejects" / "part-first-attempt.parquet")
+    config = EncodeConfig.model_validate({**settings, "output": str(out)})
+    again = run(config)
+    assert again["resumed_rows"] == len(rows) and again["duplicate_rows_dropped"] == pq.read_metadata(part).num_rows + n
     assert again["counts"] == manifest["counts"] and "encoding" in again["timings"]
     keys = pq.read_table(again["outputs"]["latents"], columns=["key"]).column("key").to_pylist()
     assert len(keys) == len(set(keys)) == sum(c["encoded"] for c in manifest["counts"].values())
+    rejected = pq.read_table(again["outputs"]["rejects"], columns=["key", "reason"])
+    assert not set(keys) & set(rejected.column("key").to_pylist()) and "worker lost" not in rejected.column("reason").to_pylist()
+    assert len(keys) + rejected.num_rows == len(rows)
+    files = {p: Path(p).read_bytes() for kind in ("latents", "rejects") for p in again["outputs"][kind]}
+    third = run(config)
+    assert third["duplicate_rows_dropped"] == 0 and third["outputs"] == again["outputs"]
+    assert {p: Path(p).read_bytes() for p in files} == files
     with pytest.raises(ValueError, match="float16 latents"):
         run(EncodeConfig.model_validate({**settings, "output": str(out), "dtype": "float16"}))
 

@@ -192,6 +192,63 @@ def test_killed_run_resumes_without_loss_or_duplication(tmp_path, ray_cluster, c
     assert _digest(table) == _digest(expected)
 
 
+def _dies_after_first_commit(marker: str):
+    """A `TripletSink` whose first write task commits its parts, commits its live rows again as
+    rejects (as if generation had failed before a retry succeeded), records how many rows it wrote
+    twice, and kills its worker: Ray runs the task again, which commits the same rows under new
+    part names. Defined in a function so that Ray ships the class by value to its workers."""
+    from pipelines.generators import parts
+    from pipelines.generators.stage import REJECT_REASON
+
+    class DiesAfterFirstCommit(parts.TripletSink):
+        def write(self, blocks, ctx):
+            table = pa.concat_tables([b for b in blocks if b.num_rows])
+            written = super().write([table], ctx)
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return written
+            live = table.filter(table.column(REJECT_REASON.name).is_null())
+            failed = live.set_column(live.schema.get_field_index(REJECT_REASON.name), REJECT_REASON.name,
+                                     pa.array(["generation failed (transient)"] * live.num_rows, pa.string()))
+            self.rejects.write([parts.rejects_of(failed)], ctx)
+            os.write(fd, str(table.num_rows + live.num_rows).encode())
+            os.close(fd)
+            os._exit(1)
+
+    return DiesAfterFirstCommit
+
+
+def test_write_task_retried_after_it_committed(tmp_path, ray_cluster, monkeypatch):
+    """A forced retry: one write task commits (its rows as triplets and as rejects), its worker
+    dies, Ray runs it again. Each key ends in exactly one output, completed rows win over the
+    first attempt's rejects, the counts add up, and a rerun changes nothing."""
+    import jobs.synthesize
+
+    records = make_records(16, seed=11)
+    rows = [{"key": f"s/{i:02d}", "source": "s", "image": None, "caption": r["caption"], "audio": r["audio"]}
+            for i, r in enumerate(records)]
+    rows += [{"key": "s/bad", "source": "s", "image": None, "caption": None, "audio": records[0]["audio"]}]
+    curated = _curated_input(str(tmp_path / "in"), rows, st.StorageConfig(), per_part=6)
+    config = _config(curated, str(tmp_path / "out"), fill=["image"], rows_per_part=4)
+    marker = tmp_path / "first-attempt"
+    monkeypatch.setattr(jobs.synthesize, "TripletSink", _dies_after_first_commit(str(marker)))
+    manifest = run(config)
+
+    assert manifest["duplicate_rows_dropped"] == int(marker.read_text()) > 0  # what the first attempt wrote
+    assert manifest["counts"]["s"] == {"input": 17, "kept": 16, "rejected": 1,
+                                       "generated": {"image": 16, "caption": 0, "audio": 0}}
+    triplets = _triplets(manifest).column("key").to_pylist()
+    rejects = read_parts(manifest["outputs"]["rejects"], st.StorageConfig())
+    assert sorted(triplets) == [r["key"] for r in rows[:-1]]
+    assert rejects.column("key").to_pylist() == ["s/bad"] and "transient" not in rejects.column("reason")[0].as_py()
+
+    files = {p: Path(p).read_bytes() for kind in ("triplets", "rejects") for p in manifest["outputs"][kind]}
+    again = run(config)
+    assert again["duplicate_rows_dropped"] == 0 and again["counts"] == manifest["counts"]
+    assert again["outputs"] == manifest["outputs"] and {p: Path(p).read_bytes() for p in files} == files
+
+
 def test_bad_config_or_input_exits_2(tmp_path, capsys):
     with pytest.raises(ConfigError, match="generators.audio"):
         load_config(SynthesizeConfig, None, [f"input={tmp_path}", f"output={tmp_path}/o", "generators={}",
