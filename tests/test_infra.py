@@ -4,8 +4,10 @@ No Kubernetes here: every manifest is parsed and checked for the fields KubeRay 
 the cluster shape and the storage settings must be the same everywhere; every RayJob entrypoint
 (and every job command in infra/README.md) must name a real job module, a real config file and
 only overrides that the job's own config class accepts; the jobs must chain through one bucket
-into the model that the RayService serves; and the storage settings, given the way the pods get
-them (environment variables), must reach an S3 endpoint (moto on loopback).
+(stage 3 of training from what the merge writes) into the model that the RayService serves; every
+RayJob must give up by a deadline; every pod must name the image by its version tag; and the
+storage settings, given the way the pods get them (environment variables), must reach an S3
+endpoint (moto on loopback).
 """
 
 import importlib
@@ -13,6 +15,7 @@ import importlib.util
 import posixpath
 import re
 import shlex
+import subprocess
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -42,6 +45,9 @@ SERVE_IMPORT_PATH = "serve.app:build_app"
 SERVE_DEPLOYMENTS = {"Frontend", "Generator"}
 SERVE_ARGS = {"model", "device", "dtype", "max_batch_size", "batch_wait_timeout_s"}
 GPU = "nvidia.com/gpu"
+STAGE3_CONFIG = "configs/train_shapesworld_stage3.yaml"
+# Tags that registries move from build to build: a pod must never name one.
+MUTABLE_TAGS = {"latest", "stable", "main", "master", "dev", "edge", "nightly"}
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -233,7 +239,7 @@ def s3_paths(config) -> list[str]:
 def test_manifests_are_kuberay_v1_objects():
     files = {p.name for p in KUBERAY.glob("*.yaml")}
     expected = {"raycluster.yaml", "rayservice.yaml", "secret-example.yaml", "storage-config.yaml"}
-    expected |= {f"rayjob-{job}.yaml" for job in CONFIG_CLASSES}
+    expected |= {f"rayjob-{job}.yaml" for job in CONFIG_CLASSES} | {"rayjob-train-stage3.yaml"}
     assert expected <= files
     names = []
     for file, doc in manifests():
@@ -303,9 +309,26 @@ def test_ray_start_params_match_the_container_resources():
     assert any(GPU not in t["spec"]["containers"][0]["resources"]["limits"] for n, _, t in groups(spec) if n != "head")
 
 
+def images(value, where: str) -> list[tuple[str, str]]:
+    """(where, image) for every `image` field anywhere in a manifest: Ray containers, sidecars,
+    submitter pods, the autoscaler."""
+    if isinstance(value, dict):
+        own = [(where, value["image"])] if isinstance(value.get("image"), str) else []
+        return own + [i for k, v in value.items() for i in images(v, f"{where}.{k}")]
+    if isinstance(value, list):
+        return [i for n, v in enumerate(value) for i in images(v, f"{where}[{n}]")]
+    return []
+
+
 def test_one_image_everywhere():
     name, _, tag = image().rpartition(":")
-    assert name and tag == pyproject()["project"]["version"]
+    assert "@" not in image() and "/" not in tag, f"{image()}: name the image by a tag"
+    assert name and tag == pyproject()["project"]["version"], "the image's tag is the package version"
+    assert tag not in MUTABLE_TAGS
+    found = [i for file, doc in manifests() for i in images(doc, f"{file}:{doc['metadata']['name']}")]
+    assert len(found) >= len(ray_containers())
+    for where, named in found:
+        assert named == image(), where
     for where, container in ray_containers():
         assert container["image"] == image(), where
     for where, spec in cluster_specs():
@@ -378,6 +401,61 @@ def test_rayjobs_bring_their_own_cluster_and_remove_it():
     assert modules == {f"jobs.{name}" for name in CONFIG_CLASSES}
 
 
+def test_every_rayjob_gives_up_by_a_deadline():
+    """A RayJob whose pods never come (no GPU nodes) must fail, not wait forever: KubeRay counts
+    activeDeadlineSeconds from when it starts bringing the cluster up. Retries are bounded too."""
+    jobs = of_kind("RayJob")
+    assert jobs
+    for job in jobs:
+        spec, name = job["spec"], job["metadata"]["name"]
+        deadline = spec.get("activeDeadlineSeconds")
+        assert isinstance(deadline, int) and not isinstance(deadline, bool) and deadline > 0, (
+            f"{name}: activeDeadlineSeconds must be a positive integer, got {deadline!r}")
+        assert isinstance(spec.get("backoffLimit"), int) and spec["backoffLimit"] >= 0, name
+        if spec.get("submissionMode", "K8sJobMode") == "K8sJobMode":
+            limit = spec.get("submitterConfig", {}).get("backoffLimit")
+            assert isinstance(limit, int) and limit >= 0, f"{name}: submitterConfig.backoffLimit, got {limit!r}"
+
+
+def test_readme_waits_as_long_as_the_jobs_deadline():
+    """`kubectl wait` on a RayJob gives up no sooner than the job itself may."""
+    deadlines = {job["metadata"]["name"]: job["spec"]["activeDeadlineSeconds"] for job in of_kind("RayJob")}
+    units = {"s": 1, "m": 60, "h": 3600}
+    waits = 0
+    for command in readme_commands():
+        tokens = shlex.split(command, comments=True)
+        if tokens[:2] != ["kubectl", "wait"]:
+            continue
+        (job,) = [t.removeprefix("rayjob/") for t in tokens if t.startswith("rayjob/")]
+        (timeout,) = [t.removeprefix("--timeout=") for t in tokens if t.startswith("--timeout=")]
+        seconds = int(timeout[:-1]) * units[timeout[-1]]
+        assert job in deadlines, f"{command}: no RayJob {job}"
+        assert seconds >= deadlines[job], f"{command}: waits {seconds}s, the job may run {deadlines[job]}s"
+        waits += 1
+    assert waits >= 1
+
+
+def test_stage3_fine_tunes_what_the_merge_writes(fake_toy_codecs):
+    """The stage-3 RayJob runs the stage-3 config, starts from the merge's output and keeps the
+    config's recipe: only where things are (S3) and the cluster's scale change."""
+    jobs = {job["metadata"]["name"]: shlex.split(job["spec"]["entrypoint"]) for job in of_kind("RayJob")}
+    (name,) = [n for n, tokens in jobs.items() if STAGE3_CONFIG in tokens]
+    job, config = job_config(jobs[name], uploaded=False, where=name)
+    assert job == "train"
+    (merge,) = [job_config(tokens, uploaded=False, where=n)[1] for n, tokens in jobs.items() if tokens[2] == "jobs.merge"]
+    assert config.model.init == merge.output
+    assert config.model.init.startswith("s3://") and exported(config).startswith("s3://")
+    local = load_config(TrainConfig, str(ROOT / STAGE3_CONFIG))
+    # locally, too, stage 3 starts from what the merge config writes
+    assert local.model.init == load_config(MergeJobConfig, str(ROOT / "configs" / "merge_shapesworld.yaml")).output
+    same = {"name", "steps", "batch_size", "optim", "ema", "validation", "model"}
+    for field in same:
+        mine, theirs = getattr(config, field), getattr(local, field)
+        if field == "model":
+            mine, theirs = mine.model_copy(update={"init": None}), theirs.model_copy(update={"init": None})
+        assert mine == theirs, f"{name}: {field} differs from {STAGE3_CONFIG}"
+
+
 def test_rayjob_entrypoints_validate_with_their_jobs_configs(fake_toy_codecs):
     configs = rayjob_configs()
     assert configs
@@ -396,6 +474,11 @@ def test_train_jobs_keep_their_configs_datasets(fake_toy_codecs):
         assert [{k: v for k, v in d.model_dump().items() if k != "path"} for d in config.datasets] == strip
 
 
+def exported(train: TrainConfig) -> str:
+    """Where a training run writes its final model directory."""
+    return train.export.path or st.join(train.run_dir, "model")
+
+
 def test_the_jobs_chain_through_one_bucket_into_the_served_model(fake_toy_codecs):
     by_job: dict[str, list] = {}
     for name, config in rayjob_configs().values():
@@ -406,10 +489,13 @@ def test_the_jobs_chain_through_one_bucket_into_the_served_model(fake_toy_codecs
     assert encode.input == synthesize.output
     for train in trains:
         assert {d.path for d in train.datasets} == {encode.output}
-    exported = {train.export.path or st.join(train.run_dir, "model") for train in trains}
-    assert {merge.recipe.image_model, merge.recipe.audio_model} == exported
+    assert len({train.run_dir for train in trains}) == len(trains), "each stage has its own run directory"
+    first = [train for train in trains if train.model.init is None]
+    (stage3,) = [train for train in trains if train.model.init is not None]
+    assert {merge.recipe.image_model, merge.recipe.audio_model} == {exported(train) for train in first}
+    assert stage3.model.init == merge.output
     (app,) = serve_config()["applications"]
-    assert app["args"]["model"] == merge.output
+    assert app["args"]["model"] == exported(stage3)
 
     paths = [p for configs in by_job.values() for c in configs for p in s3_paths(c)] + [app["args"]["model"]]
     assert len({p.split("/")[2] for p in paths}) == 1, "every s3:// path is in one bucket"
@@ -530,7 +616,7 @@ def test_readme_commands_name_what_exists(fake_toy_codecs):
         tokens = shlex.split(command, comments=True)
         for i, token in enumerate(tokens):
             if token.startswith("infra/"):
-                assert (ROOT / token).exists(), command
+                assert any(ROOT.glob(token)) if "*" in token else (ROOT / token).exists(), command
             if m := re.fullmatch(r"svc/(.+)-(head|serve)-svc", token):
                 assert m.group(1) in names["RayCluster" if m.group(2) == "head" else "RayService"], command
             if m := re.fullmatch(r"(?:rayjob|job)/(.+)", token):
@@ -551,3 +637,26 @@ def test_readme_commands_name_what_exists(fake_toy_codecs):
     readme = (INFRA / "README.md").read_text()
     for path in KUBERAY.glob("rayjob-*.yaml"):
         assert path.name in readme, f"infra/README.md does not say when to apply {path.name}"
+
+
+def test_readme_bumps_the_image_tag_everywhere(tmp_path):
+    """The README's bump command, run on a copy of the manifests and the guide, moves every image
+    and the build and push lines to the new tag, and leaves nothing on the old one."""
+    (command,) = [c for c in readme_commands() if c.startswith("sed ") and "omniflow-ray" in c and "kuberay" in c]
+    (expression,) = [t for t in shlex.split(command) if "omniflow-ray" in t]
+    new_tag = re.search(r":([^:#]+)#$", expression).group(1)
+    assert new_tag != pyproject()["project"]["version"], command
+    copy = tmp_path / "infra"
+    (copy / "kuberay").mkdir(parents=True)
+    for path in KUBERAY.glob("*.yaml"):
+        (copy / "kuberay" / path.name).write_text(path.read_text())
+    (copy / "README.md").write_text((INFRA / "README.md").read_text())
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True, timeout=60)
+    bumped = image().rpartition(":")[0] + ":" + new_tag
+    for path in (copy / "kuberay").glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                assert {i for _, i in images(doc, path.name)} <= {bumped}, path.name
+    readme = (copy / "README.md").read_text()
+    assert f"-t {bumped} ." in readme and f"docker push {bumped}" in readme
+    assert image() not in readme and all(image() not in p.read_text() for p in (copy / "kuberay").glob("*.yaml"))

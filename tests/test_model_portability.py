@@ -3,6 +3,7 @@ came from, loaded with `OmniFlowPipeline.from_pretrained` (also from s3://), ser
 `serve run serve/config.yaml`, and the RayService's Serve config checked by Serve's own schema
 and builder."""
 
+import io
 import json
 import os
 import shutil
@@ -159,6 +160,10 @@ def test_serve_run_with_the_shipped_config(moved_model, tmp_path):
         assert model["codecs"]["image"]["path"] == "image_codec"  # as the directory names it, no machine path
         record = make_records(1, seed=5)[0]
         client = Client(url)
+        served = client.generate("t2i", text=record["caption"], steps=2, seed=9).image[0]
+        local = OmniFlowPipeline.from_pretrained(moved_model)(task="t2i", text=record["caption"],
+                                                               num_inference_steps=2, seed=9).images[0]
+        assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(served)).convert("RGB")), np.asarray(local))
         inputs = {"text": record["caption"], "image": record["image"], "audio": record["audio"]}
         for task in sorted(BUILTIN_TASKS):
             given = {m.value: inputs[m.value] for m in BUILTIN_TASKS[task].conditions}
