@@ -3,6 +3,7 @@ came from, loaded with `OmniFlowPipeline.from_pretrained` (also from s3://), ser
 `serve run serve/config.yaml`, and the RayService's Serve config checked by Serve's own schema
 and builder."""
 
+import contextlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import psutil
 import pytest
 import requests
 import torch
@@ -171,16 +173,35 @@ def test_serve_run_with_the_shipped_config(moved_model, tmp_path):
             for m in BUILTIN_TASKS[task].targets:
                 assert len(getattr(result, m.value)) == 1, task
     finally:
+        # Only this cluster's processes: `ray stop` would also end the session's cluster.
+        ours = _processes_of(process.pid, ray_tmp)
         os.killpg(process.pid, signal.SIGINT)
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait()
+        for p in ours:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        for p in psutil.wait_procs(ours, timeout=20)[1]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
         log.close()
-        subprocess.run([shutil.which("ray", path=os.path.dirname(sys.executable)), "stop", "--force"],
-                       env=env, capture_output=True, timeout=120)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _processes_of(pid: int, temp_dir: str) -> list[psutil.Process]:
+    """`pid` with its descendants, and every process naming `temp_dir` (the cluster's daemons)."""
+    found = {}
+    roots = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+    with contextlib.suppress(psutil.NoSuchProcess):
+        roots.append(psutil.Process(pid))
+    for root in roots:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for p in (root, *root.children(recursive=True)):
+                found.setdefault(p.pid, p)
+    return [p for p in found.values() if p.pid != os.getpid()]
 
 
 def test_the_rayservice_config_is_what_serve_accepts(moved_model):
