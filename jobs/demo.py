@@ -177,9 +177,16 @@ class Demo:
 
         write_report(self.out, metrics, manifests)
         self.progress.log(f"wrote {self.out / 'report.html'} and {self.out / 'metrics.json'}")
+        goal = c.quality.goal
         for task, result in quality["tasks"].items():
+            short = "   below the goal" if task in quality["below_goal"] else ""
             self.progress.log(f"  {task:5s} both {result['both']:.3f}  colour {result['colour']:.3f}  "
-                              f"shape {result['shape']:.3f}")
+                              f"shape {result['shape']:.3f}{short}")
+        if quality["below_goal"]:
+            self.progress.log(f"quality: {len(quality['below_goal'])} of {len(quality['tasks'])} tasks fall short of "
+                              f"{goal} both (colour and shape right): {', '.join(quality['below_goal'])}")
+        else:
+            self.progress.log(f"quality: every task reaches {goal} both (colour and shape right)")
         self.progress.log(f"total {metrics['total_seconds']} s")
         self.progress.log(f"the model is in {model_dir}: serve it with `python -m serve --model {model_dir}` "
                           "(for runs/demo/model also `serve run serve/config.yaml`), or load it with "

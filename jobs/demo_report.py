@@ -86,8 +86,9 @@ def write_report(out: Path, metrics: dict, manifests: dict) -> Path:
     q = quality["config"]
     parts.append(f"<h2>Quality</h2><p>{q['samples']} held-out scenes per task, {q['steps']} steps, guidance "
                  f"{q['guidance']}: the share of outputs whose concept the ShapesWorld checkers read back "
-                 "(red: below 0.9).</p>")
-    rows = [[t, _fmt(r["both"]), _fmt(r["colour"]), _fmt(r["shape"]), f"{r['unknown']:.3f}", r["seconds"]]
+                 f"(red: below the goal of {q['goal']}).</p>")
+    goal = q["goal"]
+    rows = [[t, _fmt(r["both"], goal), _fmt(r["colour"], goal), _fmt(r["shape"], goal), f"{r['unknown']:.3f}", r["seconds"]]
             for t, r in quality["tasks"].items()]
     parts.append(_table(["task", "both", "colour", "shape", "unreadable", "seconds"], rows))
 

@@ -135,7 +135,11 @@ class Outputs:
 
 
 class AnyToAny:
-    """A model directory's transformer with its codecs and pooled encoders, ready to sample."""
+    """A model directory's transformer with its codecs and pooled encoders, ready to sample.
+
+    A task's absent modalities are fed as noise at t = 1 (the reference's convention), or left out
+    of the forward pass where `omniflow.json` says `"absent": "skip"` (a model trained that way).
+    """
 
     def __init__(self, model: torch.nn.Module, codecs: Mapping[Modality, Any], pooled: Mapping[Modality, Any],
                  info: Mapping[str, Any]):
@@ -210,7 +214,8 @@ class AnyToAny:
         latents = generate(
             self.model, task, conditions=conditions, pooled=pooled, batch_size=len(owners),
             target_shapes={m.value: self.latent_shapes[m] for m in task.targets},
-            absent_shapes={m.value: self.latent_shapes[m] for m in task.absent if m in self.streams},
+            absent_shapes={m.value: self.latent_shapes[m] for m in task.absent if m in self.streams}
+            if self.info.get("absent", "noise") == "noise" else None,
             steps=params.steps, shift=params.shift, guidance=params.guidance, generator=generators,
         )
         timings["sample_s"] = time.perf_counter() - start

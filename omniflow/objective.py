@@ -35,8 +35,11 @@ class TrainingRules(BaseModel):
     noised_condition_p: a condition is noised to a sampled time instead of kept clean (loss off).
     condition_drop_p: a condition is replaced by pure noise at t = 1, for classifier-free guidance.
     pooled_drop_p: the pooled vector is zeroed.
-    skip_absent: leave a modality absent from every sample out of the forward pass instead of
-        feeding it as pure noise at t = 1 (cheaper; the reference feeds noise).
+    skip_absent: leave a sample's absent modalities out of the forward pass instead of feeding
+        them as pure noise at t = 1 (the reference feeds noise). `train_step` then runs one forward
+        per group of samples with the same modalities; `flow_loss` on its own skips a modality
+        absent from every sample of its batch. A model trained so is sampled so too
+        (`"absent": "skip"` in its `omniflow.json`).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -49,6 +49,21 @@ class Batch:
     def __len__(self) -> int:
         return len(self.tasks)
 
+    def by_streams(self) -> list["Batch"]:
+        """The batch split into groups of samples whose tasks use the same modalities, each holding
+        only those modalities' latents (t2i and i2t share one group, at2i and joint another)."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, task in enumerate(self.tasks):
+            groups.setdefault(tuple(m.value for m in task.roles if m not in task.absent), []).append(i)
+        if len(groups) == 1 and set(next(iter(groups))) >= set(self.latents):
+            return [self]
+        return [
+            Batch(latents={m: self.latents[m][rows] for m in used if m in self.latents},
+                  tasks=[self.tasks[i] for i in rows],
+                  pooled={m: v[rows] for m, v in self.pooled.items()})
+            for used, rows in groups.items()
+        ]
+
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "Batch":
         move = lambda d: {k: v.to(device, dtype, non_blocking=True) for k, v in d.items()}  # noqa: E731
         return Batch(latents=move(self.latents), tasks=self.tasks, pooled=move(self.pooled))
@@ -109,7 +124,11 @@ def train_step(
     """Accumulate gradients over `micro_batches` (weighted by their sizes), clip, step.
 
     Per-modality and per-task losses come back averaged over the step's samples, for logging.
+    With `objective.rules.skip_absent` each micro-batch runs as one forward per group of samples
+    that use the same modalities (`Batch.by_streams`), so no sample pays for a stream it lacks.
     """
+    if objective.rules.skip_absent:
+        micro_batches = [group for batch in micro_batches for group in batch.by_streams()]
     total = sum(len(b) for b in micro_batches)
     device = next(iter(micro_batches[0].latents.values())).device
     loss_sum, modality_sum, modality_n, task_sum, task_n = 0.0, {}, {}, {}, {}
@@ -156,6 +175,8 @@ def validation_loss(
 ) -> dict[str, float]:
     """Loss at each fixed flow time over fixed batches with fixed noise: comparable across steps
     and runs. Returns the mean over times ("loss") and each time's value ("loss_t0.5")."""
+    if objective.rules.skip_absent:
+        batches = [group for batch in batches for group in batch.by_streams()]
     out: dict[str, float] = {}
     for t in times:
         generator = torch.Generator(device=next(iter(batches[0].latents.values())).device).manual_seed(seed)

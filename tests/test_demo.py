@@ -42,6 +42,8 @@ def test_every_stage_runs_and_metrics_hold_every_task(demo):
         assert result["samples"] == 10
         assert all(0.0 <= result[k] <= 1.0 for k in ("colour", "shape", "both", "unknown")), task
         assert result["both"] <= min(result["colour"], result["shape"])
+    goal = metrics["quality"]["config"]["goal"]
+    assert metrics["quality"]["below_goal"] == [t for t, r in metrics["quality"]["tasks"].items() if r["both"] < goal]
     assert {"shapes-image-text", "shapes-audio-text", "shapes-image-audio"} == set(metrics["curation"])
     assert all(c["rejected"] > 0 for c in metrics["curation"].values())  # the planted defects
     assert Path(metrics["model_dir"]) == out / "model"  # where serve/config.yaml looks (under runs/demo)

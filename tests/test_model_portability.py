@@ -87,6 +87,24 @@ def test_from_pretrained_generates_every_modality(pipe):
         pipe(task="i2t", text="no image given")
 
 
+def test_absent_modalities_follow_the_directory(moved_model, tmp_path):
+    """A model trained with absent modalities skipped ("absent": "skip" in omniflow.json) samples
+    without them; by default they are fed as noise at t = 1, as the reference does."""
+    from omniflow.inference import AnyToAny, InputPreparer, Prepared, SamplingParams
+
+    skipping = tmp_path / "skipping"
+    shutil.copytree(moved_model, skipping)
+    info = json.loads((skipping / "omniflow.json").read_text())
+    (skipping / "omniflow.json").write_text(json.dumps({**info, "absent": "skip"}))
+    for path, streams in ((moved_model, {"image", "text", "audio"}), (skipping, {"image", "text"})):
+        runner = AnyToAny.load(path)
+        seen = []
+        runner.model.register_forward_pre_hook(lambda mod, args: seen.append(set(args[0])))
+        inputs = InputPreparer(runner.info["codecs"])(text="a red circle")
+        runner.run([Prepared(task="t2i", inputs=inputs, params=SamplingParams(steps=2))])
+        assert seen == [streams] * 2, path
+
+
 def test_save_pretrained_round_trips(pipe, tmp_path):
     pipe.save_pretrained(tmp_path / "again")
     copy = OmniFlowPipeline.from_pretrained(tmp_path / "again")

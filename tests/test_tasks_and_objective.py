@@ -127,6 +127,39 @@ def test_skip_absent_leaves_stream_out(tiny_model):
     assert seen == [{I, T}]
 
 
+def test_skip_absent_runs_one_forward_per_group_of_modalities():
+    """A mixed batch under skip_absent: each sample's forward holds only the modalities its task
+    uses, and a stream no sample uses is not trained (fed as noise, it would be)."""
+    from omniflow.presets import build_transformer
+    from omniflow.training import Batch, OptimConfig, build_optimizer, build_scheduler, train_step
+
+    tasks = [get_task(n) for n in ("t2i", "i2t", "a2t", "t2i")]
+    batch = Batch(latents={m.value: x for m, x in _batch(4, torch.Generator().manual_seed(0)).items()}, tasks=tasks)
+    groups = batch.by_streams()
+    assert [[t.name for t in g.tasks] for g in groups] == [["t2i", "i2t", "t2i"], ["a2t"]]
+    assert [set(g.latents) for g in groups] == [{"image", "text"}, {"text", "audio"}]
+    assert torch.equal(groups[0].latents["image"], batch.latents["image"][[0, 1, 3]])
+
+    def one_step(skip: bool, tasks) -> tuple[list, bool]:
+        """(modalities of each forward, whether the audio stream's weights changed)"""
+        model = build_transformer("tiny", seed=0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if "audio" in n}
+        seen = []
+        model.register_forward_pre_hook(lambda mod, args: seen.append(set(args[0])))
+        optim = OptimConfig(lr=1e-2, warmup_steps=0)
+        optimizer = build_optimizer(model, optim)
+        train_step(model, [Batch(latents=batch.latents, tasks=tasks)], optimizer=optimizer,
+                   scheduler=build_scheduler(optimizer, optim, total_steps=2),
+                   objective=FlowObjective(rules=TrainingRules(skip_absent=skip)), generator=torch.Generator().manual_seed(0))
+        moved = any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+        return seen, moved
+
+    assert one_step(True, tasks) == ([{I, T}, {T, A}], True)
+    image_text = [get_task("t2i"), get_task("i2t")] * 2
+    assert one_step(True, image_text) == ([{I, T}], False)
+    assert one_step(False, image_text) == ([{I, T, A}], True)
+
+
 def test_loss_errors_name_the_problem(tiny_model):
     x0 = _batch(2, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="3 tasks for a batch of 2"):

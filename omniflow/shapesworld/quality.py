@@ -9,8 +9,8 @@ the checkers could not read at all.
 
     >>> pipe = AnyToAny.load("runs/demo/model")
     >>> report = evaluate(pipe, QualityConfig(samples=200))
-    >>> report["tasks"]["t2i"]["both"]
-    0.97
+    >>> report["tasks"]["t2i"]["both"]     # share of t2i outputs with colour and shape right
+    >>> report["below_goal"]               # tasks under `config.goal`
 """
 
 import io
@@ -44,6 +44,7 @@ class QualityConfig(BaseModel):
     shift: float = Field(3.0, gt=0)
     guidance: float = Field(2.0, ge=0, description="one CFG weight for every conditioning modality")
     batch_size: int = Field(100, ge=1, description="samples per sampler call")
+    goal: float = Field(0.9, ge=0, le=1, description="the `both` share a task must reach to count as learnt")
 
 
 def read_concepts(modality: Modality, outputs: Sequence, sample_rate: int | None = None):
@@ -86,5 +87,6 @@ def evaluate(pipe: AnyToAny, config: QualityConfig | None = None, *, log=print) 
                          "seconds": round(time.perf_counter() - start, 1)}
         log(f"{name}: both {summary.get('both', float('nan')):.3f} colour {summary.get('colour', float('nan')):.3f} "
             f"shape {summary.get('shape', float('nan')):.3f} ({results[name]['seconds']} s)")
+    short = [name for name, r in results.items() if r.get("both", 1.0) < config.goal]
     return {"config": config.model_dump(mode="json"), "tasks": results,
-            "min_both": min(r["both"] for r in results.values() if "both" in r)}
+            "min_both": min(r["both"] for r in results.values() if "both" in r), "below_goal": short}

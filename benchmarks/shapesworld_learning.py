@@ -1,0 +1,181 @@
+"""How fast and how far the OmniFlow transformer learns ShapesWorld: learning curves under control.
+
+Each arm trains a fresh transformer in this process (no Ray: `omniflow.training.train_step` on
+latents held in memory) and measures, every `--eval-every` steps, the any-to-any quality of the
+tasks it trains on held-out scenes (`omniflow.shapesworld.quality.evaluate`: the demo's measure,
+with fewer samples). Arms differ by `key=value` settings of `LearningConfig` (`omniflow.toy.learning.LearningConfig`: tasks and their mix, model
+overrides, objective, optimiser, sampling), so one run compares them at equal steps and seconds.
+
+    python benchmarks/shapesworld_learning.py --out runs/bench/learning \\
+        --arm mix --arm t2i tasks=t2i --arm mix-shift1 objective.timesteps.shift='{image: 1, text: 1, audio: 1}'
+    python benchmarks/shapesworld_learning.py --out runs/bench/probes --probes-only
+
+`--probes` also fits linear probes (colour, shape) on each modality's latents and reads captions
+the text VAE decodes from noised text latents: whether the latents carry the concept at all.
+
+Writes `<out>/learning.json` (per arm: steps, seconds, loss, and per task both / colour / shape at
+each evaluation; probes) and `<out>/learning.png` (the curves).
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from jobs.common import load_config
+from omniflow.flow import interpolate
+from omniflow.modality import Modality
+from omniflow.shapesworld import COLOURS, SHAPES, concept_accuracy, read_caption
+from omniflow.shapesworld.quality import EVAL_TASKS
+from omniflow.toy.codecs import (
+    ToyCodecsConfig,
+    build_toy_codecs,
+    load_toy_codecs,
+    toy_codec_configs,
+)
+from omniflow.toy.learning import LearningConfig, encode_scenes, sampling_sweep, train
+
+
+def cached_scenes(codecs: dict, codecs_dir: Path, n: int, seed: int, cache: Path) -> dict:
+    manifest = json.loads((codecs_dir / "codecs.json").read_text())
+    path = cache / f"scenes-{manifest['config_hash']}-{n}-{seed}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    start = time.perf_counter()
+    scenes = encode_scenes(codecs, n, seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(scenes, path)
+    print(f"encoded {n} training scenes in {time.perf_counter() - start:.1f} s", flush=True)
+    return scenes
+
+
+# ---- linear probes -----------------------------------------------------------------------------
+
+def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+              classes: int, *, steps: int = 300, weight_decay: float = 1e-3) -> float:
+    """Held-out accuracy of a multinomial logistic regression on standardised features."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    probe = torch.nn.Linear(x_train.shape[1], classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(probe(x_train), y_train)
+        loss = loss + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float((probe(x_test).argmax(1) == y_test).float().mean())
+
+
+def probes(codecs: dict, fit: dict, test: dict) -> dict:
+    """Colour and shape read linearly from each modality's latents; captions decoded from noised
+    text latents, read by the caption checker."""
+    labels = {
+        "colour": (lambda c: COLOURS.index(c.colour), len(COLOURS)),
+        "shape": (lambda c: SHAPES.index(c.shape), len(SHAPES)),
+    }
+    out: dict = {"linear": {}, "text_decoded_from_noised": {}}
+    for m in ("image", "text", "audio"):
+        x_train, x_test = fit["latents"][m].flatten(1), test["latents"][m].flatten(1)
+        out["linear"][m] = {
+            name: round(fit_probe(x_train, torch.tensor([f(c) for c in fit["concepts"]]),
+                                  x_test, torch.tensor([f(c) for c in test["concepts"]]), k), 3)
+            for name, (f, k) in labels.items()
+        }
+    text = codecs[Modality.TEXT]
+    x0 = test["latents"]["text"]
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(x0.shape, generator=generator)
+    for t in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5):
+        noised = interpolate(x0, noise, torch.full((len(x0),), t))
+        with torch.inference_mode():
+            captions = text.decode(noised)
+        out["text_decoded_from_noised"][f"t{t:g}"] = concept_accuracy(read_caption(captions), test["concepts"])
+    return out
+
+
+# ---- training arms -----------------------------------------------------------------------------
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({t for r in results for p in r["curve"] for t in p["tasks"]}, key=EVAL_TASKS.index)
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in results:
+            points = [p for p in r["curve"] if task in p["tasks"]]
+            if points:
+                ax.plot([p["step"] for p in points], [p["tasks"][task]["both"] for p in points],
+                        marker="o", label=r["config"]["name"])
+        ax.set_title(task)
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("both (colour and shape right)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--codecs", type=Path, default=Path("runs/toy/codecs"), help="toy codecs (built here if absent)")
+    p.add_argument("--arm", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                   help="an arm: its name, then settings of `LearningConfig` as key=value (repeat for more arms)")
+    p.add_argument("--train-scenes", type=int, default=4000, help="distinct training scenes encoded once")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-samples", type=int, default=60, help="held-out scenes per task at each evaluation")
+    p.add_argument("--sweep", metavar="STEPS/GUIDANCE/SHIFT,...",
+                   help="after training, evaluate each arm under these sampler settings too, e.g. 10/2/3,20/4/3")
+    p.add_argument("--probes", action="store_true", help="fit linear probes on the latents first")
+    p.add_argument("--probes-only", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    build_toy_codecs(args.codecs, ToyCodecsConfig())
+    codecs = load_toy_codecs(args.codecs)
+    codec_configs = toy_codec_configs(args.codecs)
+    scenes = cached_scenes(codecs, args.codecs, args.train_scenes, seed=0, cache=args.out / "cache")
+    report: dict = {"benchmark": "shapesworld_learning", "train_scenes": args.train_scenes,
+                    "eval_samples": args.eval_samples, "threads": args.threads,
+                    "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}}
+    if args.probes or args.probes_only:
+        test = encode_scenes(codecs, 1000, seed=7)
+        fit = {"latents": {m: x[:3000] for m, x in scenes["latents"].items()}, "concepts": scenes["concepts"][:3000]}
+        report["probes"] = probes(codecs, fit, test)
+        print(json.dumps(report["probes"], indent=1), flush=True)
+    results = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, *overrides in args.arm if not args.probes_only else []:
+        arm = load_config(LearningConfig, {"name": name}, overrides)
+        result, model = train(arm, codecs, codec_configs, scenes, eval_every=args.eval_every,
+                              eval_samples=args.eval_samples, log=lambda m: print(m, flush=True))
+        if args.sweep:
+            grid = [dict(zip(("steps", "guidance", "shift"), map(float, g.split("/")))) for g in args.sweep.split(",")]
+            grid = [{**g, "steps": int(g["steps"])} for g in grid]
+            result["sampling_sweep"] = sampling_sweep(arm, model, codecs, codec_configs, args.eval_samples, grid,
+                                                      log=lambda m: print(m, flush=True))
+        results.append(result)
+        report["arms"] = results
+        (args.out / "learning.json").write_text(json.dumps(report, indent=1))
+        plot(results, args.out / "learning.png")
+    (args.out / "learning.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

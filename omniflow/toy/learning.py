@@ -1,0 +1,162 @@
+"""Train the transformer on ShapesWorld latents held in memory and measure what it learnt.
+
+No Ray and no Parquet: the toy codecs encode rendered scenes once (`encode_scenes`), then
+`train` runs `omniflow.training.train_step` on batches drawn from them and scores the tasks it
+trains with the demo's measure (`omniflow.shapesworld.quality.evaluate`) as it goes. What the
+learning benchmark (`benchmarks/shapesworld_learning.py`) and the learning test run; the jobs train
+the same model the same way through Ray.
+
+    >>> codecs = load_toy_codecs("runs/toy/codecs")
+    >>> scenes = encode_scenes(codecs, 2000, seed=0)
+    >>> result, model = train(LearningConfig(name="t2i", tasks="t2i", steps=600), codecs,
+    ...                       toy_codec_configs("runs/toy/codecs"), scenes, eval_every=300, eval_samples=50)
+    >>> result["curve"][-1]["tasks"]["t2i"]["both"]
+"""
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from omniflow.inference import AnyToAny
+from omniflow.modality import Modality
+from omniflow.objective import FlowObjective
+from omniflow.presets import build_transformer, get_preset
+from omniflow.shapesworld.quality import EVAL_TASKS, QualityConfig, evaluate
+from omniflow.tasks import get_task
+from omniflow.toy.codecs import shapes_data
+from omniflow.training import Batch, OptimConfig, build_optimizer, build_scheduler, train_step
+
+ALL_TASKS = "t2i,i2t,t2a,a2t,i2a,a2i,at2i,it2a,ai2t,joint"
+
+
+class Sampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = 10
+    guidance: float = 2.0
+    shift: float = 3.0
+
+
+class LearningConfig(BaseModel):
+    """One controlled training run: what it trains on, the model, the objective, the optimiser, and how
+    it is sampled for scoring."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    tasks: str = Field(ALL_TASKS, description="comma-separated task[:weight]")
+    preset: str = "toy"
+    model: dict = Field(default_factory=dict, description="overrides of the preset's transformer config")
+    objective: FlowObjective = Field(default_factory=FlowObjective)
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.0))
+    batch_size: int = 64
+    steps: int = 600
+    seed: int = 0
+    precision: str = "fp32"
+    train_scenes: int | None = Field(None, description="distinct training scenes (default: --train-scenes)")
+    sampling: Sampling = Field(default_factory=Sampling)
+
+    @property
+    def absent(self) -> str:
+        """How sampling treats absent modalities: as the objective trained them."""
+        return "skip" if self.objective.rules.skip_absent else "noise"
+
+    def task_weights(self) -> dict[str, float]:
+        weights = {}
+        for item in self.tasks.split(","):
+            name, _, weight = item.partition(":")
+            weights[get_task(name).name] = float(weight or 1.0)
+        return weights
+
+
+def encode_scenes(codecs: dict, n: int, seed: int, batch: int = 256) -> dict:
+    """`n` ShapesWorld triplets as latents (the codecs' encode, as the encode job runs it) + concepts."""
+    image, text, audio = codecs[Modality.IMAGE], codecs[Modality.TEXT], codecs[Modality.AUDIO]
+    data = shapes_data(n, seed=seed, image_size=image.config.resolution, mel=audio.mel)
+    out = {m: [] for m in ("image", "text", "audio")}
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            pixels = torch.from_numpy(data.images[i:i + batch]).permute(0, 3, 1, 2).float() / 255.0
+            out["image"].append(image.encode(pixels))
+            out["text"].append(text.encode(data.captions[i:i + batch]))
+            waves = [(w, audio.sample_rate) for w in data.waves[i:i + batch]]
+            out["audio"].append(audio.encode(audio.preprocess(waves)))
+    latents = {m: torch.cat(v).float() for m, v in out.items()}
+    return {"latents": latents, "concepts": data.concepts, "captions": data.captions}
+
+
+def sample_batch(config: LearningConfig, scenes: dict, rng: np.random.Generator, n_rows: int) -> Batch:
+    weights = config.task_weights()
+    names = list(weights)
+    p = np.array([weights[n] for n in names]) / sum(weights.values())
+    idx = torch.from_numpy(rng.integers(n_rows, size=config.batch_size))
+    tasks = [get_task(names[i]) for i in rng.choice(len(names), size=config.batch_size, p=p)]
+    return Batch(latents={m: x[idx] for m, x in scenes["latents"].items()}, tasks=tasks)
+
+
+def train(config: LearningConfig, codecs: dict, codec_configs: dict, scenes: dict, *, eval_every: int,
+          eval_samples: int, log: Callable[[str], None] = print) -> tuple[dict, torch.nn.Module]:
+    """Train a fresh transformer on `scenes` (from `encode_scenes`) and score it every `eval_every`
+    steps on `eval_samples` held-out scenes per trained task. Returns the curve and the model."""
+    torch.manual_seed(config.seed)
+    preset = get_preset(config.preset)
+    model = build_transformer(config.preset, seed=config.seed, **config.model)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps=config.steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    n_rows = min(config.train_scenes or len(scenes["concepts"]), len(scenes["concepts"]))
+    eval_tasks = tuple(t for t in EVAL_TASKS if t in config.task_weights())
+    info = {"codecs": codec_configs, "absent": config.absent,
+            "latent_shapes": {m.value: list(s) for m, s in preset.latent_shapes().items()}}
+    quality = QualityConfig(tasks=eval_tasks, samples=eval_samples, steps=config.sampling.steps,
+                            guidance=config.sampling.guidance, shift=config.sampling.shift)
+    curve, losses, train_seconds = [], [], 0.0
+    log(f"[{config.name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{n_rows} scenes, tasks {config.task_weights()}")
+    for step in range(1, config.steps + 1):
+        model.train()
+        start = time.perf_counter()
+        out = train_step(model, [sample_batch(config, scenes, rng, n_rows)], optimizer=optimizer, scheduler=scheduler,
+                         objective=config.objective, grad_clip=config.optim.grad_clip, precision=config.precision,
+                         generator=generator)
+        train_seconds += time.perf_counter() - start
+        losses.append(out.loss)
+        if step % eval_every == 0 or step == config.steps:
+            model.eval()
+            start = time.perf_counter()
+            report = evaluate(AnyToAny(model, codecs, {}, info), quality, log=lambda _: None)
+            point = {"step": step, "train_seconds": round(train_seconds, 1),
+                     "eval_seconds": round(time.perf_counter() - start, 1),
+                     "loss": round(float(np.mean(losses[-eval_every:])), 4),
+                     "tasks": {t: {k: r[k] for k in ("both", "colour", "shape", "unreadable") if k in r}
+                               for t, r in report["tasks"].items()}}
+            curve.append(point)
+            both = " ".join(f"{t} {r['both']:.2f}/{r['colour']:.2f}/{r['shape']:.2f}" for t, r in point["tasks"].items())
+            log(f"[{config.name}] step {step} ({point['train_seconds']} s) loss {point['loss']:.3f} | "
+                  f"both/colour/shape {both}")
+    return {"config": config.model_dump(mode="json"), "curve": curve,
+            "seconds_per_step": round(train_seconds / config.steps, 4)}, model
+
+
+def sampling_sweep(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_configs: dict, samples: int,
+                   grid: list[dict], log: Callable[[str], None] = print) -> list[dict]:
+    """The trained config's quality under other sampler settings (steps, guidance, shift)."""
+    info = {"codecs": codec_configs, "absent": config.absent,
+            "latent_shapes": {m.value: list(s) for m, s in get_preset(config.preset).latent_shapes().items()}}
+    eval_tasks = tuple(t for t in EVAL_TASKS if t in config.task_weights())
+    model.eval()
+    rows = []
+    for setting in grid:
+        sampling = Sampling(**{**config.sampling.model_dump(), **setting})
+        quality = QualityConfig(tasks=eval_tasks, samples=samples, steps=sampling.steps,
+                                guidance=sampling.guidance, shift=sampling.shift)
+        report = evaluate(AnyToAny(model, codecs, {}, info), quality, log=lambda _: None)
+        rows.append({"sampling": sampling.model_dump(),
+                     "tasks": {t: {k: r[k] for k in ("both", "colour", "shape")} for t, r in report["tasks"].items()}})
+        both = " ".join(f"{t} {r['both']:.2f}" for t, r in rows[-1]["tasks"].items())
+        log(f"[{config.name}] sampling {rows[-1]['sampling']}: both {both}")
+    return rows
+
+
