@@ -95,23 +95,30 @@ def sample_batch(config: LearningConfig, scenes: dict, rng: np.random.Generator,
     return Batch(latents={m: x[idx] for m, x in scenes["latents"].items()}, tasks=tasks)
 
 
+def score(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_configs: dict, samples: int,
+          sampling: Sampling) -> dict[str, dict[str, float]]:
+    """Quality of `model` on the evaluated tasks it was trained on: task -> both / colour / shape /
+    unreadable on `samples` held-out scenes, sampled as `sampling` says and as it was trained."""
+    info = {"codecs": codec_configs, "absent": config.absent,
+            "latent_shapes": {m.value: list(s) for m, s in get_preset(config.preset).latent_shapes().items()}}
+    quality = QualityConfig(tasks=tuple(t for t in EVAL_TASKS if t in config.task_weights()), samples=samples,
+                            steps=sampling.steps, guidance=sampling.guidance, shift=sampling.shift)
+    model.eval()
+    report = evaluate(AnyToAny(model, codecs, {}, info), quality, log=lambda _: None)
+    return {t: {k: r[k] for k in ("both", "colour", "shape", "unreadable") if k in r} for t, r in report["tasks"].items()}
+
+
 def train(config: LearningConfig, codecs: dict, codec_configs: dict, scenes: dict, *, eval_every: int,
           eval_samples: int, log: Callable[[str], None] = print) -> tuple[dict, torch.nn.Module]:
     """Train a fresh transformer on `scenes` (from `encode_scenes`) and score it every `eval_every`
     steps on `eval_samples` held-out scenes per trained task. Returns the curve and the model."""
     torch.manual_seed(config.seed)
-    preset = get_preset(config.preset)
     model = build_transformer(config.preset, seed=config.seed, **config.model)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps=config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     n_rows = min(config.train_scenes or len(scenes["concepts"]), len(scenes["concepts"]))
-    eval_tasks = tuple(t for t in EVAL_TASKS if t in config.task_weights())
-    info = {"codecs": codec_configs, "absent": config.absent,
-            "latent_shapes": {m.value: list(s) for m, s in preset.latent_shapes().items()}}
-    quality = QualityConfig(tasks=eval_tasks, samples=eval_samples, steps=config.sampling.steps,
-                            guidance=config.sampling.guidance, shift=config.sampling.shift)
     curve, losses, train_seconds = [], [], 0.0
     log(f"[{config.name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{n_rows} scenes, tasks {config.task_weights()}")
@@ -124,14 +131,11 @@ def train(config: LearningConfig, codecs: dict, codec_configs: dict, scenes: dic
         train_seconds += time.perf_counter() - start
         losses.append(out.loss)
         if step % eval_every == 0 or step == config.steps:
-            model.eval()
             start = time.perf_counter()
-            report = evaluate(AnyToAny(model, codecs, {}, info), quality, log=lambda _: None)
+            tasks = score(config, model, codecs, codec_configs, eval_samples, config.sampling)
             point = {"step": step, "train_seconds": round(train_seconds, 1),
                      "eval_seconds": round(time.perf_counter() - start, 1),
-                     "loss": round(float(np.mean(losses[-eval_every:])), 4),
-                     "tasks": {t: {k: r[k] for k in ("both", "colour", "shape", "unreadable") if k in r}
-                               for t, r in report["tasks"].items()}}
+                     "loss": round(float(np.mean(losses[-eval_every:])), 4), "tasks": tasks}
             curve.append(point)
             both = " ".join(f"{t} {r['both']:.2f}/{r['colour']:.2f}/{r['shape']:.2f}" for t, r in point["tasks"].items())
             log(f"[{config.name}] step {step} ({point['train_seconds']} s) loss {point['loss']:.3f} | "
@@ -143,18 +147,11 @@ def train(config: LearningConfig, codecs: dict, codec_configs: dict, scenes: dic
 def sampling_sweep(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_configs: dict, samples: int,
                    grid: list[dict], log: Callable[[str], None] = print) -> list[dict]:
     """The trained config's quality under other sampler settings (steps, guidance, shift)."""
-    info = {"codecs": codec_configs, "absent": config.absent,
-            "latent_shapes": {m.value: list(s) for m, s in get_preset(config.preset).latent_shapes().items()}}
-    eval_tasks = tuple(t for t in EVAL_TASKS if t in config.task_weights())
-    model.eval()
     rows = []
     for setting in grid:
         sampling = Sampling(**{**config.sampling.model_dump(), **setting})
-        quality = QualityConfig(tasks=eval_tasks, samples=samples, steps=sampling.steps,
-                                guidance=sampling.guidance, shift=sampling.shift)
-        report = evaluate(AnyToAny(model, codecs, {}, info), quality, log=lambda _: None)
         rows.append({"sampling": sampling.model_dump(),
-                     "tasks": {t: {k: r[k] for k in ("both", "colour", "shape")} for t, r in report["tasks"].items()}})
+                     "tasks": score(config, model, codecs, codec_configs, samples, sampling)})
         both = " ".join(f"{t} {r['both']:.2f}" for t, r in rows[-1]["tasks"].items())
         log(f"[{config.name}] sampling {rows[-1]['sampling']}: both {both}")
     return rows
