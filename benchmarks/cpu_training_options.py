@@ -1,5 +1,5 @@
 """What makes a training step cheaper on CPU: precision, torch.compile, threads, batch size and
-skipping absent modalities, each varied alone from the demo's setting, measured in one run.
+skipping absent modalities (alone, and with batches of one modality group each), each varied alone from the demo's setting, measured in one run.
 
     python benchmarks/cpu_training_options.py --out runs/bench/cpu_options.json
     python benchmarks/cpu_training_options.py --steps 10 --variants baseline,bf16 --out q.json
@@ -22,9 +22,17 @@ import torch
 from omniflow.objective import FlowObjective, TrainingRules
 from omniflow.presets import build_transformer, get_preset
 from omniflow.tasks import BUILTIN_TASKS
-from omniflow.training import Batch, OptimConfig, build_optimizer, build_scheduler, train_step
+from omniflow.training import (
+    Batch,
+    GroupedBatches,
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    train_step,
+)
 
-BASELINE = {"precision": "fp32", "compile": False, "threads": 2, "batch_size": 64, "skip_absent": False}
+BASELINE = {"precision": "fp32", "compile": False, "threads": 2, "batch_size": 64, "skip_absent": False,
+            "grouped": False}
 VARIANTS = {
     "baseline": {},
     "bf16": {"precision": "bf16"},
@@ -34,6 +42,7 @@ VARIANTS = {
     "batch-128": {"batch_size": 128},
     "skip-absent": {"skip_absent": True},
     "skip-absent+bf16": {"skip_absent": True, "precision": "bf16"},
+    "skip-absent+grouped": {"skip_absent": True, "grouped": True},
 }
 
 
@@ -49,13 +58,22 @@ def measure(setting: dict, *, steps: int, warmup: int, seed: int = 0) -> dict:
     scheduler = build_scheduler(optimizer, optim, total_steps=steps + warmup)
     forward = torch.compile(model) if setting["compile"] else model
     objective = FlowObjective(rules=TrainingRules(skip_absent=setting["skip_absent"]))
+    groups = GroupedBatches(batch_size) if setting["grouped"] else None
+
+    def mixed() -> Batch:
+        picks = torch.randint(len(tasks), (batch_size,), generator=generator)
+        return Batch(latents={m.value: torch.randn(batch_size, *s, generator=generator) for m, s in shapes.items()},
+                     tasks=[tasks[i] for i in picks])
+
     start = None
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        picks = torch.randint(len(tasks), (batch_size,), generator=generator)
-        batch = Batch(latents={m.value: torch.randn(batch_size, *s, generator=generator) for m, s in shapes.items()},
-                      tasks=[tasks[i] for i in picks])
+        if groups is None:
+            batch = mixed()
+        else:
+            while (batch := groups.pop()) is None:
+                groups.push(mixed())
         train_step(forward, [batch], optimizer=optimizer, scheduler=scheduler, objective=objective,
                    grad_clip=1.0, precision=setting["precision"], generator=generator)
     seconds = time.perf_counter() - start

@@ -117,8 +117,12 @@ def plot(results: list[dict], path: Path) -> None:
         for r in results:
             points = [p for p in r["curve"] if task in p["tasks"]]
             if points:
-                ax.plot([p["step"] for p in points], [p["tasks"][task]["both"] for p in points],
-                        marker="o", label=r["config"]["name"])
+                line, = ax.plot([p["step"] for p in points], [p["tasks"][task]["both"] for p in points],
+                                marker="o", label=r["config"]["name"])
+            held = [p for p in r["curve"] if task in p.get("held_out_tasks", {})]
+            if held:
+                ax.plot([p["step"] for p in held], [p["held_out_tasks"][task]["both"] for p in held], marker="x",
+                        linestyle="--", color=line.get_color(), label=f"{r['config']['name']} (held-out concepts)")
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
@@ -162,8 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, *overrides in args.arm if not args.probes_only else []:
         arm = load_config(LearningConfig, {"name": name}, overrides)
+
+        def save(partial: dict) -> None:
+            report["arms"] = [*results, partial]
+            (args.out / "learning.json").write_text(json.dumps(report, indent=1))
+            plot(report["arms"], args.out / "learning.png")
+
         result, model = train(arm, codecs, codec_configs, scenes, eval_every=args.eval_every,
-                              eval_samples=args.eval_samples, log=lambda m: print(m, flush=True))
+                              eval_samples=args.eval_samples, log=lambda m: print(m, flush=True), on_point=save)
         if args.sweep:
             grid = [dict(zip(("steps", "guidance", "shift"), map(float, g.split("/")))) for g in args.sweep.split(",")]
             grid = [{**g, "steps": int(g["steps"])} for g in grid]

@@ -43,9 +43,9 @@ TOY = "runs/toy/"  # where the configs expect the toy CLIP and codecs
 
 class StageSteps(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    stage1: int = Field(300, ge=1)
-    stage2: int = Field(100, ge=1)
-    stage3: int = Field(320, ge=1)
+    stage1: int = Field(400, ge=1)
+    stage2: int = Field(200, ge=1)
+    stage3: int = Field(800, ge=1)
 
 
 class DemoConfig(BaseModel):

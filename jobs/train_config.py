@@ -92,6 +92,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     objective: FlowObjective = Field(default_factory=FlowObjective)
+    grouped_batches: bool = Field(
+        False, description="each step trains one modality group (t2i and i2t; t2a and a2t; ...), the mix re-cut into "
+                           "full batches (`omniflow.training.GroupedBatches`); needs objective.rules.skip_absent")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     ema: EMAConfig | None = Field(default_factory=EMAConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -120,6 +123,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"dataset names must be unique; repeated: {repeated}")
         if self.validation.dataset is not None and self.validation.dataset not in names:
             raise ValueError(f"validation.dataset {self.validation.dataset!r} is not one of the datasets {names}")
+        if self.grouped_batches and not self.objective.rules.skip_absent:
+            raise ValueError("grouped_batches needs objective.rules.skip_absent: true (a group leaves out what it lacks)")
         if self.parallel.strategy == "none" and self.scaling.num_workers > 1:
             raise ValueError("parallel.strategy 'none' runs one worker; use ddp or fsdp for scaling.num_workers > 1")
         return self

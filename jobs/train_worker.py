@@ -43,7 +43,14 @@ from omniflow.parallelize import (
     shard_like,
 )
 from omniflow.presets import build_transformer, model_cost
-from omniflow.training import Batch, build_optimizer, build_scheduler, train_step, validation_loss
+from omniflow.training import (
+    Batch,
+    GroupedBatches,
+    build_optimizer,
+    build_scheduler,
+    train_step,
+    validation_loss,
+)
 from omniflow.wrappers import unwrap
 from pipelines import storage as st
 from pipelines.mixing import MixedBatches, Stream, presence, task_choice, to_batch
@@ -172,6 +179,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         ))
     mix = MixedBatches(streams, batch_size=config.batch_size, seed=config.seed, rank=rank, position=position,
                        cache_bytes=config.cache_mb_per_stream * 2**20)
+    groups = GroupedBatches(config.batch_size) if config.grouped_batches else None
     val_batches = _validation_batches(config, loop_config.get("validation_rows"), device)
 
     shapes = {m: tuple(s) for m, s in loop_config["latent_shapes"].items() if m in unwrap(model).streams}
@@ -189,8 +197,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             micro = []
             for i in range(config.optim.grad_accum):
-                table, tasks = mix.next_batch(step * config.optim.grad_accum + i)
-                micro.append(to_batch(table, tasks).to(device))
+                index = step * config.optim.grad_accum + i
+                if groups is None:
+                    micro.append(to_batch(*mix.next_batch(index)).to(device))
+                    continue
+                # mixed batches drawn until one modality group fills a batch; what waits in
+                # `groups` at a checkpoint is not in its data position (a resume skips it)
+                draw = 0
+                while (batch := groups.pop()) is None:
+                    groups.push(to_batch(*mix.next_batch(index * 1000 + draw)))
+                    draw += 1
+                micro.append(batch.to(device))
             t1 = time.perf_counter()
             generator = torch.Generator(device=device).manual_seed(hash((config.seed, rank, step)) % 2**63)
             out = train_step(model, micro, optimizer=optimizer, scheduler=scheduler, objective=config.objective,

@@ -71,7 +71,8 @@ def parallelize(
     """Move `model` to `device` and apply `config`; DDP and FSDP need a process group.
 
     `streams_may_be_skipped`: some steps leave a stream out of the forward pass (the objective's
-    `skip_absent`), so DDP must look for parameters without gradients.
+    `skip_absent`), so DDP must look for parameters without gradients. DDP in a group of one
+    process has nothing to synchronise and is left out (as Ray Train's `prepare_model` does).
     """
     model.to(device)
     if config.activation_checkpointing:
@@ -84,6 +85,8 @@ def parallelize(
         raise RuntimeError(f"strategy {config.strategy!r} needs torch.distributed to be initialised")
     if config.strategy == "fsdp":
         return apply_fsdp(model, mixed_precision=mixed_precision)
+    if dist.get_world_size() == 1:
+        return model
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=streams_may_be_skipped
     )

@@ -65,8 +65,50 @@ class Batch:
         ]
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "Batch":
-        move = lambda d: {k: v.to(device, dtype, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        move = lambda d: {k: v.to(device, dtype, non_blocking=True) for k, v in d.items()}
         return Batch(latents=move(self.latents), tasks=self.tasks, pooled=move(self.pooled))
+
+
+class GroupedBatches:
+    """Mixed batches re-cut into batches of one modality group each (`Batch.by_streams`).
+
+    With `skip_absent` a mixed batch runs as one small forward per group; on CPU, small forwards
+    cost nearly as much as full ones. `push` mixed batches in and `pop` batches of `batch_size`
+    samples that all use the same modalities: every sample pushed is trained on, in the mix's
+    proportions, and each step is one full-size forward. At most one batch per group waits.
+
+        >>> groups = GroupedBatches(64)
+        >>> while (batch := groups.pop()) is None:
+        ...     groups.push(next_mixed_batch())
+    """
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.pending: dict[tuple[str, ...], list[Batch]] = {}
+
+    def push(self, batch: Batch) -> None:
+        for group in batch.by_streams():
+            self.pending.setdefault(tuple(sorted(group.latents)), []).append(group)
+
+    def waiting(self) -> int:
+        return sum(len(b) for parts in self.pending.values() for b in parts)
+
+    def pop(self) -> Batch | None:
+        """A batch of `batch_size` samples of the fullest group, or None while no group has enough."""
+        sizes = {key: sum(len(b) for b in parts) for key, parts in self.pending.items()}
+        key = max(sizes, key=sizes.get, default=None)
+        if key is None or sizes[key] < self.batch_size:
+            return None
+        parts = self.pending.pop(key)
+        whole = Batch(latents={m: torch.cat([b.latents[m] for b in parts]) for m in parts[0].latents},
+                      tasks=[t for b in parts for t in b.tasks],
+                      pooled={m: torch.cat([b.pooled[m] for b in parts]) for m in parts[0].pooled})
+        n = self.batch_size
+        if len(whole) > n:
+            self.pending[key] = [Batch(latents={m: x[n:] for m, x in whole.latents.items()}, tasks=whole.tasks[n:],
+                                       pooled={m: x[n:] for m, x in whole.pooled.items()})]
+        return Batch(latents={m: x[:n] for m, x in whole.latents.items()}, tasks=whole.tasks[:n],
+                     pooled={m: x[:n] for m, x in whole.pooled.items()})
 
 
 @dataclass

@@ -117,3 +117,12 @@ def test_fsdp2_sharded_parameters(process_group):
     torch.testing.assert_close(sharded(x), reference(x))  # raw weights again, not stale gathered ones
     full = {n: s.full_tensor() for n, s in ema_sharded.state_dict().items()}
     torch.testing.assert_close(full, ema_ref.state_dict())
+
+
+def test_ddp_in_a_group_of_one_is_left_out(process_group):
+    """One worker has nothing to synchronise: `parallelize` returns the model itself for DDP."""
+    from omniflow.parallelize import ParallelConfig, parallelize
+    from omniflow.presets import build_transformer
+
+    model = build_transformer("tiny", seed=0)
+    assert parallelize(model, ParallelConfig(strategy="ddp"), device=torch.device("cpu")) is model

@@ -32,3 +32,19 @@ def test_a_short_run_learns_colour_and_shape(learnt):
     scores = learnt["curve"][-1]["tasks"]["t2i"]
     for what, floor in FLOORS.items():
         assert scores[what] >= floor, f"t2i {what} {scores[what]:.2f} < {floor} after {learnt['curve'][-1]['step']} steps"
+
+
+def test_a_concept_split_keeps_held_out_concepts_out_of_training():
+    from omniflow.shapesworld.concepts import all_concepts
+    from omniflow.toy.learning import training_rows
+
+    concepts = list(all_concepts()) * 3
+    scenes = {"concepts": concepts}
+    config = LearningConfig(name="split", held_out_concepts=3)
+    split = config.concept_split()
+    rows = training_rows(config, scenes)
+    assert len(split.held_out) == 3
+    assert len(rows) == 3 * 15
+    assert not {concepts[i] for i in rows} & set(split.held_out)
+    assert len(training_rows(LearningConfig(name="all"), scenes)) == len(concepts)
+    assert len(training_rows(LearningConfig(name="some", train_scenes=18), scenes)) == 18

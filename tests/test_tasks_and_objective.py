@@ -166,3 +166,29 @@ def test_loss_errors_name_the_problem(tiny_model):
         flow_loss(tiny_model, x0, [get_task("t2i")] * 3)
     with pytest.raises(ValueError, match="no latents"):
         flow_loss(tiny_model, {T: x0[T]}, [get_task("t2i")] * 2)
+
+
+def test_grouped_batches_recut_a_mix_into_full_batches_of_one_group():
+    """Every sample pushed comes out once, in batches of exactly `batch_size` samples that all use
+    the same modalities, and no more than one batch per group waits."""
+    from omniflow.training import Batch, GroupedBatches
+
+    names = ["t2i", "i2t", "a2t", "t2a", "at2i", "i2a"]
+    groups, popped, pushed = GroupedBatches(4), [], 0
+    for step in range(12):
+        tasks = [get_task(names[(step + i) % len(names)]) for i in range(5)]
+        ids = torch.arange(pushed, pushed + 5, dtype=torch.float32)
+        pushed += 5
+        groups.push(Batch(latents={m.value: ids.view(-1, 1) for m in Modality}, tasks=tasks,
+                          pooled={"text": ids.view(-1, 1)}))
+        while (batch := groups.pop()) is not None:
+            popped.append(batch)
+        assert all(sum(len(b) for b in parts) < 4 for parts in groups.pending.values())
+    for batch in popped:
+        assert len(batch) == 4
+        assert len({tuple(sorted(set(t.roles) - set(t.absent), key=str)) for t in batch.tasks}) == 1
+        used = {m.value for m in batch.tasks[0].roles if m not in batch.tasks[0].absent}
+        assert set(batch.latents) == used
+        assert torch.equal(batch.pooled["text"], next(iter(batch.latents.values())))
+    seen = torch.cat([next(iter(b.latents.values())).flatten() for b in popped]).tolist()
+    assert len(seen) == len(set(seen)) == pushed - groups.waiting()

@@ -92,6 +92,22 @@ def test_ddp_on_two_workers_with_metrics_checkpoints_and_export(tmp_path, latent
     assert out["image"].shape == (1, *SHAPES["image"]) and torch.isfinite(out["image"]).all()
 
 
+def test_grouped_batches_train_one_modality_group_per_step(tmp_path, latents, ray_cluster):
+    """With grouped_batches every step is all image-text or all audio-text samples: a step's log
+    holds the image loss or the audio loss, never both, and the mix still reaches both."""
+    config = TrainConfig.model_validate(_config(
+        latents, str(tmp_path), "grouped", steps=12, log={"every": 1}, ema=None,
+        objective={"rules": {"skip_absent": True}}, grouped_batches=True))
+    manifest = run(config)
+    metrics = _metrics(tmp_path / "grouped")
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    groups = [("loss/image" in m, "loss/audio" in m) for m in metrics]
+    assert set(groups) == {(True, False), (False, True)}
+    assert read_model_info(manifest["model_dir"])["absent"] == "skip"
+    with pytest.raises(ValueError, match="grouped_batches needs objective.rules.skip_absent"):
+        TrainConfig.model_validate(_config(latents, str(tmp_path), "bad", grouped_batches=True))
+
+
 def _scalars(event_file: bytes, tag: str) -> dict[int, float]:
     """step -> value of `tag` in a TensorBoard event file (TFRecord framing: length, its CRC, the
     record, its CRC)."""

@@ -45,6 +45,9 @@ class QualityConfig(BaseModel):
     guidance: float = Field(2.0, ge=0, description="one CFG weight for every conditioning modality")
     batch_size: int = Field(100, ge=1, description="samples per sampler call")
     goal: float = Field(0.9, ge=0, le=1, description="the `both` share a task must reach to count as learnt")
+    concepts: tuple[str, ...] | None = Field(
+        None, description="draw the held-out scenes from these colour-shape pairs only ('red circle', ...), "
+                          "e.g. the held-out side of `split_concepts`; default: every pair")
 
 
 def read_concepts(modality: Modality, outputs: Sequence, sample_rate: int | None = None):
@@ -61,7 +64,8 @@ def read_concepts(modality: Modality, outputs: Sequence, sample_rate: int | None
 def evaluate(pipe: AnyToAny, config: QualityConfig | None = None, *, log=print) -> dict:
     """Accuracy per task and target modality, in the layout of the demo's `metrics.json`."""
     config = config or QualityConfig()
-    records = make_records(config.samples, seed=config.scene_seed)
+    pairs = [Concept(*name.split(" ", 1)) for name in config.concepts] if config.concepts else None
+    records = make_records(config.samples, seed=config.scene_seed, pairs=pairs)
     truth = [Concept(r["colour"], r["shape"]) for r in records]
     prepare = InputPreparer(pipe.info["codecs"])
     params = SamplingParams(steps=config.steps, shift=config.shift, guidance=config.guidance)

@@ -18,16 +18,24 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from omniflow.inference import AnyToAny
 from omniflow.modality import Modality
 from omniflow.objective import FlowObjective
 from omniflow.presets import build_transformer, get_preset
+from omniflow.shapesworld.concepts import ConceptSplit, split_concepts
 from omniflow.shapesworld.quality import EVAL_TASKS, QualityConfig, evaluate
 from omniflow.tasks import get_task
 from omniflow.toy.codecs import shapes_data
-from omniflow.training import Batch, OptimConfig, build_optimizer, build_scheduler, train_step
+from omniflow.training import (
+    Batch,
+    GroupedBatches,
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    train_step,
+)
 
 ALL_TASKS = "t2i,i2t,t2a,a2t,i2a,a2i,at2i,it2a,ai2t,joint"
 
@@ -51,16 +59,29 @@ class LearningConfig(BaseModel):
     objective: FlowObjective = Field(default_factory=FlowObjective)
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=50, weight_decay=0.0))
     batch_size: int = 64
+    grouped: bool = Field(False, description="train each step on one modality group (`GroupedBatches`); "
+                                           "needs objective.rules.skip_absent")
     steps: int = 600
     seed: int = 0
     precision: str = "fp32"
     train_scenes: int | None = Field(None, description="distinct training scenes (default: --train-scenes)")
     sampling: Sampling = Field(default_factory=Sampling)
+    held_out_concepts: int = Field(0, ge=0, le=6, description="colour-shape pairs never trained on "
+                                   "(`split_concepts(n_held_out=...)`), scored apart as `held_out_tasks`")
+
+    @model_validator(mode="after")
+    def _grouped_skips(self) -> "LearningConfig":
+        if self.grouped and not self.objective.rules.skip_absent:
+            raise ValueError("grouped=true needs objective.rules.skip_absent=true (a group leaves out what it lacks)")
+        return self
 
     @property
     def absent(self) -> str:
         """How sampling treats absent modalities: as the objective trained them."""
         return "skip" if self.objective.rules.skip_absent else "noise"
+
+    def concept_split(self) -> ConceptSplit | None:
+        return split_concepts(n_held_out=self.held_out_concepts, seed=self.seed) if self.held_out_concepts else None
 
     def task_weights(self) -> dict[str, float]:
         weights = {}
@@ -86,62 +107,93 @@ def encode_scenes(codecs: dict, n: int, seed: int, batch: int = 256) -> dict:
     return {"latents": latents, "concepts": data.concepts, "captions": data.captions}
 
 
-def sample_batch(config: LearningConfig, scenes: dict, rng: np.random.Generator, n_rows: int) -> Batch:
+def training_rows(config: LearningConfig, scenes: dict) -> np.ndarray:
+    """Indices of the scenes `config` trains on: the first `train_scenes`, less held-out concepts."""
+    n_rows = min(config.train_scenes or len(scenes["concepts"]), len(scenes["concepts"]))
+    split = config.concept_split()
+    return np.array([i for i, c in enumerate(scenes["concepts"][:n_rows]) if split is None or c in split.train])
+
+
+def sample_batch(config: LearningConfig, scenes: dict, rng: np.random.Generator, rows: np.ndarray) -> Batch:
     weights = config.task_weights()
     names = list(weights)
     p = np.array([weights[n] for n in names]) / sum(weights.values())
-    idx = torch.from_numpy(rng.integers(n_rows, size=config.batch_size))
+    idx = torch.from_numpy(rows[rng.integers(len(rows), size=config.batch_size)])
     tasks = [get_task(names[i]) for i in rng.choice(len(names), size=config.batch_size, p=p)]
     return Batch(latents={m: x[idx] for m, x in scenes["latents"].items()}, tasks=tasks)
 
 
 def score(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_configs: dict, samples: int,
-          sampling: Sampling) -> dict[str, dict[str, float]]:
+          sampling: Sampling, concepts: tuple | None = None) -> dict[str, dict[str, float]]:
     """Quality of `model` on the evaluated tasks it was trained on: task -> both / colour / shape /
-    unreadable on `samples` held-out scenes, sampled as `sampling` says and as it was trained."""
+    unreadable on `samples` held-out scenes (of `concepts` only, when given), sampled as `sampling`
+    says and as it was trained."""
     info = {"codecs": codec_configs, "absent": config.absent,
             "latent_shapes": {m.value: list(s) for m, s in get_preset(config.preset).latent_shapes().items()}}
     quality = QualityConfig(tasks=tuple(t for t in EVAL_TASKS if t in config.task_weights()), samples=samples,
-                            steps=sampling.steps, guidance=sampling.guidance, shift=sampling.shift)
+                            steps=sampling.steps, guidance=sampling.guidance, shift=sampling.shift,
+                            concepts=tuple(str(c) for c in concepts) if concepts else None)
     model.eval()
     report = evaluate(AnyToAny(model, codecs, {}, info), quality, log=lambda _: None)
     return {t: {k: r[k] for k in ("both", "colour", "shape", "unreadable") if k in r} for t, r in report["tasks"].items()}
 
 
 def train(config: LearningConfig, codecs: dict, codec_configs: dict, scenes: dict, *, eval_every: int,
-          eval_samples: int, log: Callable[[str], None] = print) -> tuple[dict, torch.nn.Module]:
+          eval_samples: int, log: Callable[[str], None] = print,
+          on_point: Callable[[dict], None] | None = None) -> tuple[dict, torch.nn.Module]:
     """Train a fresh transformer on `scenes` (from `encode_scenes`) and score it every `eval_every`
-    steps on `eval_samples` held-out scenes per trained task. Returns the curve and the model."""
+    steps on `eval_samples` held-out scenes per trained task. Returns the curve and the model;
+    `on_point` gets the result so far after every evaluation (a long run keeps what it measured)."""
     torch.manual_seed(config.seed)
     model = build_transformer(config.preset, seed=config.seed, **config.model)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps=config.steps)
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    n_rows = min(config.train_scenes or len(scenes["concepts"]), len(scenes["concepts"]))
+    rows, split = training_rows(config, scenes), config.concept_split()
     curve, losses, train_seconds = [], [], 0.0
     log(f"[{config.name}] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{n_rows} scenes, tasks {config.task_weights()}")
+        f"{len(rows)} scenes, tasks {config.task_weights()}"
+        + (f", never trained on {', '.join(map(str, split.held_out))}" if split else ""))
+    groups = GroupedBatches(config.batch_size) if config.grouped else None
     for step in range(1, config.steps + 1):
         model.train()
         start = time.perf_counter()
-        out = train_step(model, [sample_batch(config, scenes, rng, n_rows)], optimizer=optimizer, scheduler=scheduler,
+        if groups is None:
+            batch = sample_batch(config, scenes, rng, rows)
+        else:
+            while (batch := groups.pop()) is None:
+                groups.push(sample_batch(config, scenes, rng, rows))
+        out = train_step(model, [batch], optimizer=optimizer, scheduler=scheduler,
                          objective=config.objective, grad_clip=config.optim.grad_clip, precision=config.precision,
                          generator=generator)
         train_seconds += time.perf_counter() - start
         losses.append(out.loss)
         if step % eval_every == 0 or step == config.steps:
             start = time.perf_counter()
-            tasks = score(config, model, codecs, codec_configs, eval_samples, config.sampling)
+            tasks = score(config, model, codecs, codec_configs, eval_samples, config.sampling,
+                          concepts=split.train if split else None)
             point = {"step": step, "train_seconds": round(train_seconds, 1),
-                     "eval_seconds": round(time.perf_counter() - start, 1),
                      "loss": round(float(np.mean(losses[-eval_every:])), 4), "tasks": tasks}
+            if split:
+                point["held_out_tasks"] = score(config, model, codecs, codec_configs, eval_samples, config.sampling,
+                                                concepts=split.held_out)
+            point["eval_seconds"] = round(time.perf_counter() - start, 1)
             curve.append(point)
-            both = " ".join(f"{t} {r['both']:.2f}/{r['colour']:.2f}/{r['shape']:.2f}" for t, r in point["tasks"].items())
-            log(f"[{config.name}] step {step} ({point['train_seconds']} s) loss {point['loss']:.3f} | "
-                  f"both/colour/shape {both}")
-    return {"config": config.model_dump(mode="json"), "curve": curve,
-            "seconds_per_step": round(train_seconds / config.steps, 4)}, model
+            for key, label in (("tasks", ""), ("held_out_tasks", " held-out concepts")):
+                if key in point:
+                    both = " ".join(f"{t} {r['both']:.2f}/{r['colour']:.2f}/{r['shape']:.2f}"
+                                    for t, r in point[key].items())
+                    log(f"[{config.name}] step {step} ({point['train_seconds']} s) loss {point['loss']:.3f} | "
+                        f"both/colour/shape{label} {both}")
+            if on_point is not None:
+                on_point(_result(config, curve, train_seconds, step))
+    return _result(config, curve, train_seconds, config.steps), model
+
+
+def _result(config: LearningConfig, curve: list[dict], train_seconds: float, steps: int) -> dict:
+    return {"config": config.model_dump(mode="json"), "curve": list(curve),
+            "seconds_per_step": round(train_seconds / steps, 4)}
 
 
 def sampling_sweep(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_configs: dict, samples: int,
@@ -151,7 +203,8 @@ def sampling_sweep(config: LearningConfig, model: torch.nn.Module, codecs: dict,
     for setting in grid:
         sampling = Sampling(**{**config.sampling.model_dump(), **setting})
         rows.append({"sampling": sampling.model_dump(),
-                     "tasks": score(config, model, codecs, codec_configs, samples, sampling)})
+                     "tasks": score(config, model, codecs, codec_configs, samples, sampling,
+                                    concepts=split.train if (split := config.concept_split()) else None)})
         both = " ".join(f"{t} {r['both']:.2f}" for t, r in rows[-1]["tasks"].items())
         log(f"[{config.name}] sampling {rows[-1]['sampling']}: both {both}")
     return rows
