@@ -4,17 +4,24 @@ Each arm trains a fresh transformer in this process (no Ray: `omniflow.training.
 latents held in memory) and measures, every `--eval-every` steps, the any-to-any quality of the
 tasks it trains on held-out scenes (`omniflow.shapesworld.quality.evaluate`: the demo's measure,
 with fewer samples). Arms differ by `key=value` settings of `LearningConfig` (`omniflow.toy.learning.LearningConfig`: tasks and their mix, model
-overrides, objective, optimiser, sampling), so one run compares them at equal steps and seconds.
+overrides, objective, optimiser, grouped batches, pooled conditioning vectors, held-out concepts,
+sampling), so one run compares them at equal steps and seconds.
 
     python benchmarks/shapesworld_learning.py --out runs/bench/learning \\
         --arm mix --arm t2i tasks=t2i --arm mix-shift1 objective.timesteps.shift='{image: 1, text: 1, audio: 1}'
+    python benchmarks/shapesworld_learning.py --out runs/bench/pooled --arm i2t tasks=i2t \\
+        --arm i2t-pooled tasks=i2t 'pooled=[image,text]'
     python benchmarks/shapesworld_learning.py --out runs/bench/probes --probes-only
 
-`--probes` also fits linear probes (colour, shape) on each modality's latents and reads captions
+`pooled=[image,text]` conditions on the toy CLIP's image and text vectors (`--clip`), as OmniFlow
+conditions on CLIP's; `held_out_concepts=3` trains without three colour-shape pairs and scores them
+apart (dashed in the plot).
+
+`--probes` also fits linear and one-hidden-layer MLP probes (colour, shape) on each modality's latents and reads captions
 the text VAE decodes from noised text latents: whether the latents carry the concept at all.
 
 Writes `<out>/learning.json` (per arm: steps, seconds, loss, and per task both / colour / shape at
-each evaluation; probes) and `<out>/learning.png` (the curves).
+each evaluation, written as it goes; probes) and `<out>/learning.png` (the curves).
 """
 
 import argparse
@@ -26,10 +33,13 @@ from pathlib import Path
 import torch
 
 from jobs.common import load_config
+from omniflow.codecs import build_codec
 from omniflow.flow import interpolate
 from omniflow.modality import Modality
+from omniflow.presets import build_transformer
 from omniflow.shapesworld import COLOURS, SHAPES, concept_accuracy, read_caption
 from omniflow.shapesworld.quality import EVAL_TASKS
+from omniflow.toy.clip import ToyClipConfig, build_toy_clip, toy_pooled_configs
 from omniflow.toy.codecs import (
     ToyCodecsConfig,
     build_toy_codecs,
@@ -39,27 +49,34 @@ from omniflow.toy.codecs import (
 from omniflow.toy.learning import LearningConfig, encode_scenes, sampling_sweep, train
 
 
-def cached_scenes(codecs: dict, codecs_dir: Path, n: int, seed: int, cache: Path) -> dict:
+def cached_scenes(codecs: dict, codecs_dir: Path, n: int, seed: int, cache: Path, pooled: dict | None = None,
+                  clip_dir: Path | None = None) -> dict:
     manifest = json.loads((codecs_dir / "codecs.json").read_text())
-    path = cache / f"scenes-{manifest['config_hash']}-{n}-{seed}.pt"
+    key = manifest["config_hash"]
+    if pooled:
+        key += "-pooled-" + json.loads((clip_dir / "clip.json").read_text())["config_hash"]
+    path = cache / f"scenes-{key}-{n}-{seed}.pt"
     if path.is_file():
         return torch.load(path, weights_only=False)
     start = time.perf_counter()
-    scenes = encode_scenes(codecs, n, seed)
+    scenes = encode_scenes(codecs, n, seed, pooled=pooled)
     cache.mkdir(parents=True, exist_ok=True)
     torch.save(scenes, path)
     print(f"encoded {n} training scenes in {time.perf_counter() - start:.1f} s", flush=True)
     return scenes
 
 
-# ---- linear probes -----------------------------------------------------------------------------
+# ---- probes ------------------------------------------------------------------------------------
 
 def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-              classes: int, *, steps: int = 300, weight_decay: float = 1e-3) -> float:
-    """Held-out accuracy of a multinomial logistic regression on standardised features."""
+              classes: int, *, steps: int = 300, weight_decay: float = 1e-3, hidden: int = 0) -> float:
+    """Held-out accuracy of a multinomial logistic regression on standardised features (with
+    `hidden` > 0, of a one-hidden-layer MLP of that width)."""
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    probe = torch.nn.Linear(x_train.shape[1], classes)
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x_train.shape[1], classes) if not hidden else torch.nn.Sequential(
+        torch.nn.Linear(x_train.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, classes))
     optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
@@ -81,14 +98,15 @@ def probes(codecs: dict, fit: dict, test: dict) -> dict:
         "colour": (lambda c: COLOURS.index(c.colour), len(COLOURS)),
         "shape": (lambda c: SHAPES.index(c.shape), len(SHAPES)),
     }
-    out: dict = {"linear": {}, "text_decoded_from_noised": {}}
+    out: dict = {"linear": {}, "mlp": {}, "text_decoded_from_noised": {}}
     for m in ("image", "text", "audio"):
         x_train, x_test = fit["latents"][m].flatten(1), test["latents"][m].flatten(1)
-        out["linear"][m] = {
-            name: round(fit_probe(x_train, torch.tensor([f(c) for c in fit["concepts"]]),
-                                  x_test, torch.tensor([f(c) for c in test["concepts"]]), k), 3)
-            for name, (f, k) in labels.items()
-        }
+        for kind, hidden in (("linear", 0), ("mlp", 256)):
+            out[kind][m] = {
+                name: round(fit_probe(x_train, torch.tensor([f(c) for c in fit["concepts"]]),
+                                      x_test, torch.tensor([f(c) for c in test["concepts"]]), k, hidden=hidden), 3)
+                for name, (f, k) in labels.items()
+            }
     text = codecs[Modality.TEXT]
     x0 = test["latents"]["text"]
     generator = torch.Generator().manual_seed(0)
@@ -113,22 +131,25 @@ def plot(results: list[dict], path: Path) -> None:
     if not tasks:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), sharey=True, squeeze=False)
+    handles = {}
     for ax, task in zip(axes[0], tasks):
-        for r in results:
+        for i, r in enumerate(results):  # one colour per arm in every panel
+            name = r["config"]["name"]
             points = [p for p in r["curve"] if task in p["tasks"]]
             if points:
-                line, = ax.plot([p["step"] for p in points], [p["tasks"][task]["both"] for p in points],
-                                marker="o", label=r["config"]["name"])
+                handles[name], = ax.plot([p["step"] for p in points], [p["tasks"][task]["both"] for p in points],
+                                         marker="o", color=f"C{i}", label=name)
             held = [p for p in r["curve"] if task in p.get("held_out_tasks", {})]
             if held:
-                ax.plot([p["step"] for p in held], [p["held_out_tasks"][task]["both"] for p in held], marker="x",
-                        linestyle="--", color=line.get_color(), label=f"{r['config']['name']} (held-out concepts)")
+                label = f"{name} (held-out concepts)"
+                handles[label], = ax.plot([p["step"] for p in held], [p["held_out_tasks"][task]["both"] for p in held],
+                                          marker="x", linestyle="--", color=f"C{i}", label=label)
         ax.set_title(task)
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("both (colour and shape right)")
-    axes[0][-1].legend(fontsize=7)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -139,12 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--codecs", type=Path, default=Path("runs/toy/codecs"), help="toy codecs (built here if absent)")
     p.add_argument("--arm", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="an arm: its name, then settings of `LearningConfig` as key=value (repeat for more arms)")
+    p.add_argument("--clip", type=Path, default=Path("runs/toy/clip"),
+                   help="toy CLIP (built here if absent) whose vectors condition arms with pooled=[image,text]")
     p.add_argument("--train-scenes", type=int, default=4000, help="distinct training scenes encoded once")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-samples", type=int, default=60, help="held-out scenes per task at each evaluation")
     p.add_argument("--sweep", metavar="STEPS/GUIDANCE/SHIFT,...",
                    help="after training, evaluate each arm under these sampler settings too, e.g. 10/2/3,20/4/3")
-    p.add_argument("--probes", action="store_true", help="fit linear probes on the latents first")
+    p.add_argument("--probes", action="store_true", help="fit linear and MLP probes on the latents first")
     p.add_argument("--probes-only", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -153,7 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
     build_toy_codecs(args.codecs, ToyCodecsConfig())
     codecs = load_toy_codecs(args.codecs)
     codec_configs = toy_codec_configs(args.codecs)
-    scenes = cached_scenes(codecs, args.codecs, args.train_scenes, seed=0, cache=args.out / "cache")
+    arms = [load_config(LearningConfig, {"name": name}, overrides) for name, *overrides in args.arm]
+    pooled = {}
+    if any(arm.pooled for arm in arms):
+        build_toy_clip(args.clip, ToyClipConfig())
+        width = build_transformer("toy").config.pooled_projection_dim
+        pooled = {m: build_codec(c) for m, c in toy_pooled_configs(args.clip, width).items()}
+    scenes = cached_scenes(codecs, args.codecs, args.train_scenes, seed=0, cache=args.out / "cache", pooled=pooled,
+                           clip_dir=args.clip)
     report: dict = {"benchmark": "shapesworld_learning", "train_scenes": args.train_scenes,
                     "eval_samples": args.eval_samples, "threads": args.threads,
                     "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()}}
@@ -164,8 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(report["probes"], indent=1), flush=True)
     results = []
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, *overrides in args.arm if not args.probes_only else []:
-        arm = load_config(LearningConfig, {"name": name}, overrides)
+    for arm in arms if not args.probes_only else []:
 
         def save(partial: dict) -> None:
             report["arms"] = [*results, partial]
@@ -173,12 +202,13 @@ def main(argv: list[str] | None = None) -> dict:
             plot(report["arms"], args.out / "learning.png")
 
         result, model = train(arm, codecs, codec_configs, scenes, eval_every=args.eval_every,
-                              eval_samples=args.eval_samples, log=lambda m: print(m, flush=True), on_point=save)
+                              eval_samples=args.eval_samples, log=lambda m: print(m, flush=True), on_point=save,
+                              pooled=pooled)
         if args.sweep:
             grid = [dict(zip(("steps", "guidance", "shift"), map(float, g.split("/")))) for g in args.sweep.split(",")]
             grid = [{**g, "steps": int(g["steps"])} for g in grid]
             result["sampling_sweep"] = sampling_sweep(arm, model, codecs, codec_configs, args.eval_samples, grid,
-                                                      log=lambda m: print(m, flush=True))
+                                                      log=lambda m: print(m, flush=True), pooled=pooled)
         results.append(result)
         report["arms"] = results
         (args.out / "learning.json").write_text(json.dumps(report, indent=1))

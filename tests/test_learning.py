@@ -48,3 +48,22 @@ def test_a_concept_split_keeps_held_out_concepts_out_of_training():
     assert not {concepts[i] for i in rows} & set(split.held_out)
     assert len(training_rows(LearningConfig(name="all"), scenes)) == len(concepts)
     assert len(training_rows(LearningConfig(name="some", train_scenes=18), scenes)) == 18
+
+
+def test_batches_carry_the_pooled_vectors_an_arm_asks_for():
+    import numpy as np
+
+    from omniflow.toy.learning import sample_batch
+
+    scenes = {"latents": {"image": torch.arange(10.0).view(10, 1), "text": torch.zeros(10, 1)},
+              "pooled": {"image": torch.arange(10.0).view(10, 1) * 2, "text": torch.ones(10, 1)}}
+    rows = np.arange(10)
+    batch = sample_batch(LearningConfig(name="p", tasks="i2t", pooled=["image"], batch_size=6), scenes,
+                         np.random.default_rng(0), rows)
+    assert set(batch.pooled) == {"image"}
+    assert torch.equal(batch.pooled["image"], batch.latents["image"] * 2)  # the same scenes' vectors
+    plain = sample_batch(LearningConfig(name="q", tasks="i2t", batch_size=6), scenes, np.random.default_rng(0), rows)
+    assert plain.pooled == {}
+    with pytest.raises(ValueError, match="no pooled vectors for"):
+        train(LearningConfig(name="r", tasks="i2t", pooled=["text"], steps=1), {}, {}, {"concepts": []},
+              eval_every=1, eval_samples=1)

@@ -12,7 +12,13 @@ from omniflow.codecs.media import decode_image
 from omniflow.scoring.aesthetic import LAION_KEYS, load_aesthetic_head
 from omniflow.scoring.clip import load_clip
 from omniflow.shapesworld import make_records
-from omniflow.toy.clip import ToyClipConfig, build_toy_clip, clip_separation, main_build_clip, toy_scoring_configs
+from omniflow.toy.clip import (
+    ToyClipConfig,
+    build_toy_clip,
+    clip_separation,
+    main_build_clip,
+    toy_scoring_configs,
+)
 from pipelines.scorers import ClipScoringConfig, add_clip_scoring
 
 TINY = {
@@ -113,3 +119,30 @@ def test_ray_data_scores_equal_the_in_process_forward(toy_clip, ray_cluster):
         assert row["aesthetic_score"] == pytest.approx(aesthetic, rel=1e-4, abs=1e-4)
         assert row["clip_score"] is None if i == 1 else row["clip_score"] == pytest.approx(similarity, abs=1e-5)
     assert "clip_pixels" not in scored[0]
+
+
+def test_toy_clip_as_pooled_encoders(toy_clip):
+    """The toy CLIP's image and text towers as pooled-vector encoders (the open-clip-*-pooled
+    kinds): zero-padded to the pooled width, images closest to captions of their concept, the image
+    vector equal to the scorer's embedding of the same pixels."""
+    from omniflow.codecs import build_codec
+    from omniflow.modality import Modality
+    from omniflow.toy.clip import toy_pooled_configs
+
+    out, _ = toy_clip
+    configs = toy_pooled_configs(out, 80)
+    image, text = build_codec(configs[Modality.IMAGE]), build_codec(configs[Modality.TEXT])
+    assert (image.modality, text.modality) == (Modality.IMAGE, Modality.TEXT)
+    records = make_records(12, seed=77)
+    images = image.embed([decode_image(r["image"]) for r in records])
+    texts = text.embed([r["caption"] for r in records])
+    assert images.shape == texts.shape == (12, 80)
+    assert torch.all(images[:, 64:] == 0) and torch.allclose(images[:, :64].norm(dim=1), torch.ones(12), atol=1e-4)
+    concepts = [(r["colour"], r["shape"]) for r in records]
+    best = (images @ texts.T).argmax(dim=1).tolist()
+    assert sum(concepts[j] == concepts[i] for i, j in enumerate(best)) >= 11
+    clip = load_clip(toy_scoring_configs(out)[0])
+    direct = clip.embed_images(torch.stack([clip.preprocess(decode_image(r["image"])) for r in records]))
+    assert torch.allclose(images[:, :64], direct, atol=1e-5)
+    with pytest.raises(ValueError, match="pretrained"):
+        build_codec({k: v for k, v in configs[Modality.TEXT].items() if k != "pretrained"})

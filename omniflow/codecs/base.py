@@ -82,6 +82,8 @@ _BUILTIN: dict[str, str] = {
     "clip-text-pooled": "omniflow.codecs.pooled",
     "clip-image-pooled": "omniflow.codecs.pooled",
     "clap-audio-pooled": "omniflow.codecs.pooled",
+    "open-clip-image-pooled": "omniflow.codecs.pooled",
+    "open-clip-text-pooled": "omniflow.codecs.pooled",
 }
 
 

@@ -3,29 +3,33 @@
 SD3 pools a prompt as CLIP-L's and CLIP-G's projected text embeddings side by side (768 + 1280 =
 2048). OmniFlow conditions on an image or an audio clip the same way, with that modality's
 embedding written into the first dimensions of an otherwise zero 2048-wide vector: CLIP vision
-image embeddings for images, an audio embedding (CLAP here) for audio.
+image embeddings for images, an audio embedding (CLAP here) for audio. An open_clip model
+(`open-clip-image-pooled`, `open-clip-text-pooled`) gives image and text vectors from one
+embedding space, as the reference's DataComp ViT-L/14 does and as the toy CLIP does on ShapesWorld.
 """
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from transformers import (
     AutoTokenizer,
+    ClapFeatureExtractor,
+    ClapModel,
     CLIPImageProcessor,
     CLIPTextModelWithProjection,
     CLIPVisionModelWithProjection,
-    ClapFeatureExtractor,
-    ClapModel,
 )
 
 from omniflow.codecs.base import CodecConfig, load_pretrained, register_codec
 from omniflow.codecs.image import as_pil
 from omniflow.codecs.media import decode_audio, resample
 from omniflow.modality import Modality
+from omniflow.scoring.clip import ClipConfig, load_clip
 
 
 class PooledConfig(CodecConfig):
@@ -161,3 +165,51 @@ class ClapAudioPooled(PooledEncoder):
         if not isinstance(embeds, torch.Tensor):  # newer transformers return an output object
             embeds = embeds.pooler_output
         return pad_pooled(embeds.float(), self.config.pooled_dim)
+
+
+class OpenClipPooledConfig(PooledConfig):
+    """An open_clip model in the directory `path`: its architecture JSON `config_file` (named like
+    `model_name`) and checkpoint `pretrained`, both relative to `path` (the toy CLIP's build
+    directory is one: `shapesworld-clip.json`, `open_clip_model.safetensors`)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+    model_name: str
+    config_file: str
+    pretrained: str
+
+    def clip_config(self) -> ClipConfig:
+        root = Path(self.path)
+        return ClipConfig(model_name=self.model_name, config_file=str(root / self.config_file),
+                          pretrained=str(root / self.pretrained))
+
+
+class _OpenClipPooled(PooledEncoder):
+    config_class = OpenClipPooledConfig
+
+    def __init__(self, config: OpenClipPooledConfig):
+        super().__init__(config)
+        self.clip = load_clip(config.clip_config(), device=self.device)
+
+
+@register_codec("open-clip-image-pooled")
+class OpenClipImagePooled(_OpenClipPooled):
+    """Images -> the open_clip model's unit image embeddings, zero-padded."""
+
+    modality = Modality.IMAGE
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images as PIL, encoded bytes or HxWx3 uint8 arrays."""
+        pixels = torch.stack([self.clip.preprocess(as_pil(image)) for image in images])
+        return pad_pooled(self.clip.embed_images(pixels), self.config.pooled_dim)
+
+
+@register_codec("open-clip-text-pooled")
+class OpenClipTextPooled(_OpenClipPooled):
+    """Captions -> the open_clip model's unit text embeddings, zero-padded."""
+
+    modality = Modality.TEXT
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        return pad_pooled(self.clip.embed_texts(list(texts)), self.config.pooled_dim)

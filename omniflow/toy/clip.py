@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from omniflow.codecs.media import decode_image
 from omniflow.lr import warmup_cosine
+from omniflow.modality import Modality
 from omniflow.scoring.aesthetic import (
     AestheticConfig,
     AestheticHead,
@@ -280,6 +281,21 @@ def toy_scoring_configs(root: str | Path) -> tuple[ClipConfig, AestheticConfig]:
     root = Path(root).resolve()
     manifest = json.loads((root / MANIFEST).read_text())
     return _clip_config(root, manifest["clip"]), _aesthetic_config(root, manifest["aesthetic"])
+
+
+def toy_pooled_configs(root: str | Path, pooled_dim: int) -> dict[Modality, dict]:
+    """Pooled-encoder configs (image and text) of the toy CLIP in `root`, `pooled_dim` wide: the
+    ShapesWorld counterpart of the CLIP vectors OmniFlow conditions on.
+
+    Example:
+        >>> encoders = {m: build_codec(c) for m, c in toy_pooled_configs("runs/toy/clip", 64).items()}
+    """
+    root = Path(root).resolve()
+    entry = json.loads((root / MANIFEST).read_text())["clip"]
+    common = {"path": str(root), "model_name": entry["model_name"], "config_file": entry["config_file"],
+              "pretrained": entry["pretrained"], "pooled_dim": pooled_dim}
+    return {Modality.IMAGE: {"kind": "open-clip-image-pooled", **common},
+            Modality.TEXT: {"kind": "open-clip-text-pooled", **common}}
 
 
 def build_toy_clip(

@@ -14,7 +14,8 @@ the same model the same way through Ray.
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -66,6 +67,8 @@ class LearningConfig(BaseModel):
     precision: str = "fp32"
     train_scenes: int | None = Field(None, description="distinct training scenes (default: --train-scenes)")
     sampling: Sampling = Field(default_factory=Sampling)
+    pooled: tuple[Literal["image", "text"], ...] = Field(
+        (), description="condition on these modalities' pooled vectors (the toy CLIP's, as OmniFlow on CLIP's)")
     held_out_concepts: int = Field(0, ge=0, le=6, description="colour-shape pairs never trained on "
                                    "(`split_concepts(n_held_out=...)`), scored apart as `held_out_tasks`")
 
@@ -91,11 +94,15 @@ class LearningConfig(BaseModel):
         return weights
 
 
-def encode_scenes(codecs: dict, n: int, seed: int, batch: int = 256) -> dict:
-    """`n` ShapesWorld triplets as latents (the codecs' encode, as the encode job runs it) + concepts."""
+def encode_scenes(codecs: dict, n: int, seed: int, batch: int = 256, pooled: Mapping[Modality, Any] | None = None
+                  ) -> dict:
+    """`n` ShapesWorld triplets as latents (the codecs' encode, as the encode job runs it) + concepts,
+    and with `pooled` encoders (modality -> encoder) each modality's pooled vectors."""
     image, text, audio = codecs[Modality.IMAGE], codecs[Modality.TEXT], codecs[Modality.AUDIO]
     data = shapes_data(n, seed=seed, image_size=image.config.resolution, mel=audio.mel)
+    media = {Modality.IMAGE: list(data.images), Modality.TEXT: data.captions}
     out = {m: [] for m in ("image", "text", "audio")}
+    vectors = {m.value: [] for m in pooled or {}}
     with torch.inference_mode():
         for i in range(0, n, batch):
             pixels = torch.from_numpy(data.images[i:i + batch]).permute(0, 3, 1, 2).float() / 255.0
@@ -103,8 +110,11 @@ def encode_scenes(codecs: dict, n: int, seed: int, batch: int = 256) -> dict:
             out["text"].append(text.encode(data.captions[i:i + batch]))
             waves = [(w, audio.sample_rate) for w in data.waves[i:i + batch]]
             out["audio"].append(audio.encode(audio.preprocess(waves)))
+            for m, encoder in (pooled or {}).items():
+                vectors[m.value].append(encoder.embed(media[m][i:i + batch]))
     latents = {m: torch.cat(v).float() for m, v in out.items()}
-    return {"latents": latents, "concepts": data.concepts, "captions": data.captions}
+    return {"latents": latents, "concepts": data.concepts, "captions": data.captions,
+            "pooled": {m: torch.cat(v).float() for m, v in vectors.items()}}
 
 
 def training_rows(config: LearningConfig, scenes: dict) -> np.ndarray:
@@ -120,11 +130,13 @@ def sample_batch(config: LearningConfig, scenes: dict, rng: np.random.Generator,
     p = np.array([weights[n] for n in names]) / sum(weights.values())
     idx = torch.from_numpy(rows[rng.integers(len(rows), size=config.batch_size)])
     tasks = [get_task(names[i]) for i in rng.choice(len(names), size=config.batch_size, p=p)]
-    return Batch(latents={m: x[idx] for m, x in scenes["latents"].items()}, tasks=tasks)
+    pooled = {m: v[idx] for m, v in scenes.get("pooled", {}).items() if m in config.pooled}
+    return Batch(latents={m: x[idx] for m, x in scenes["latents"].items()}, tasks=tasks, pooled=pooled)
 
 
 def score(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_configs: dict, samples: int,
-          sampling: Sampling, concepts: tuple | None = None) -> dict[str, dict[str, float]]:
+          sampling: Sampling, concepts: tuple | None = None, pooled: Mapping[Modality, Any] | None = None
+          ) -> dict[str, dict[str, float]]:
     """Quality of `model` on the evaluated tasks it was trained on: task -> both / colour / shape /
     unreadable on `samples` held-out scenes (of `concepts` only, when given), sampled as `sampling`
     says and as it was trained."""
@@ -134,16 +146,26 @@ def score(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_co
                             steps=sampling.steps, guidance=sampling.guidance, shift=sampling.shift,
                             concepts=tuple(str(c) for c in concepts) if concepts else None)
     model.eval()
-    report = evaluate(AnyToAny(model, codecs, {}, info), quality, log=lambda _: None)
+    encoders = {m: e for m, e in (pooled or {}).items() if m.value in config.pooled}
+    missing = sorted(set(config.pooled) - {m.value for m in encoders})
+    if missing:
+        raise ValueError(f"{config.name}: no pooled encoder for {missing}")
+    report = evaluate(AnyToAny(model, codecs, encoders, info), quality, log=lambda _: None)
     return {t: {k: r[k] for k in ("both", "colour", "shape", "unreadable") if k in r} for t, r in report["tasks"].items()}
 
 
 def train(config: LearningConfig, codecs: dict, codec_configs: dict, scenes: dict, *, eval_every: int,
           eval_samples: int, log: Callable[[str], None] = print,
-          on_point: Callable[[dict], None] | None = None) -> tuple[dict, torch.nn.Module]:
+          on_point: Callable[[dict], None] | None = None, pooled: Mapping[Modality, Any] | None = None
+          ) -> tuple[dict, torch.nn.Module]:
     """Train a fresh transformer on `scenes` (from `encode_scenes`) and score it every `eval_every`
     steps on `eval_samples` held-out scenes per trained task. Returns the curve and the model;
-    `on_point` gets the result so far after every evaluation (a long run keeps what it measured)."""
+    `on_point` gets the result so far after every evaluation (a long run keeps what it measured);
+    `pooled` (modality -> pooled encoder) embeds conditions at evaluation for `config.pooled`, as
+    `encode_scenes` embedded the training scenes."""
+    unembedded = sorted(set(config.pooled) - set(scenes.get("pooled", {})))
+    if unembedded:
+        raise ValueError(f"{config.name}: the scenes hold no pooled vectors for {unembedded} (encode_scenes(pooled=...))")
     torch.manual_seed(config.seed)
     model = build_transformer(config.preset, seed=config.seed, **config.model)
     optimizer = build_optimizer(model, config.optim)
@@ -172,12 +194,12 @@ def train(config: LearningConfig, codecs: dict, codec_configs: dict, scenes: dic
         if step % eval_every == 0 or step == config.steps:
             start = time.perf_counter()
             tasks = score(config, model, codecs, codec_configs, eval_samples, config.sampling,
-                          concepts=split.train if split else None)
+                          concepts=split.train if split else None, pooled=pooled)
             point = {"step": step, "train_seconds": round(train_seconds, 1),
                      "loss": round(float(np.mean(losses[-eval_every:])), 4), "tasks": tasks}
             if split:
                 point["held_out_tasks"] = score(config, model, codecs, codec_configs, eval_samples, config.sampling,
-                                                concepts=split.held_out)
+                                                concepts=split.held_out, pooled=pooled)
             point["eval_seconds"] = round(time.perf_counter() - start, 1)
             curve.append(point)
             for key, label in (("tasks", ""), ("held_out_tasks", " held-out concepts")):
@@ -197,14 +219,16 @@ def _result(config: LearningConfig, curve: list[dict], train_seconds: float, ste
 
 
 def sampling_sweep(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_configs: dict, samples: int,
-                   grid: list[dict], log: Callable[[str], None] = print) -> list[dict]:
+                   grid: list[dict], log: Callable[[str], None] = print,
+                   pooled: Mapping[Modality, Any] | None = None) -> list[dict]:
     """The trained config's quality under other sampler settings (steps, guidance, shift)."""
     rows = []
     for setting in grid:
         sampling = Sampling(**{**config.sampling.model_dump(), **setting})
         rows.append({"sampling": sampling.model_dump(),
                      "tasks": score(config, model, codecs, codec_configs, samples, sampling,
-                                    concepts=split.train if (split := config.concept_split()) else None)})
+                                    concepts=split.train if (split := config.concept_split()) else None,
+                                    pooled=pooled)})
         both = " ".join(f"{t} {r['both']:.2f}" for t, r in rows[-1]["tasks"].items())
         log(f"[{config.name}] sampling {rows[-1]['sampling']}: both {both}")
     return rows
