@@ -82,7 +82,7 @@ def fit_probe(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor
     def closure():
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(probe(x_train), y_train)
-        loss = loss + weight_decay * probe.weight.pow(2).sum()
+        loss = loss + weight_decay * sum(p.pow(2).sum() for p in probe.parameters() if p.ndim == 2)
         loss.backward()
         return loss
 
