@@ -36,7 +36,6 @@ from jobs.common import load_config
 from omniflow.codecs import build_codec
 from omniflow.flow import interpolate
 from omniflow.modality import Modality
-from omniflow.presets import build_transformer
 from omniflow.shapesworld import COLOURS, SHAPES, concept_accuracy, read_caption
 from omniflow.shapesworld.quality import EVAL_TASKS
 from omniflow.toy.clip import ToyClipConfig, build_toy_clip, toy_pooled_configs
@@ -180,8 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     pooled = {}
     if any(arm.pooled for arm in arms):
         build_toy_clip(args.clip, ToyClipConfig())
-        width = build_transformer("toy").config.pooled_projection_dim
-        pooled = {m: build_codec(c) for m, c in toy_pooled_configs(args.clip, width).items()}
+        pooled = {m: build_codec(c) for m, c in toy_pooled_configs(args.clip).items()}
     scenes = cached_scenes(codecs, args.codecs, args.train_scenes, seed=0, cache=args.out / "cache", pooled=pooled,
                            clip_dir=args.clip)
     report: dict = {"benchmark": "shapesworld_learning", "train_scenes": args.train_scenes,

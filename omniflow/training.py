@@ -57,12 +57,14 @@ class Batch:
             groups.setdefault(tuple(m.value for m in task.roles if m not in task.absent), []).append(i)
         if len(groups) == 1 and set(next(iter(groups))) >= set(self.latents):
             return [self]
-        return [
-            Batch(latents={m: self.latents[m][rows] for m in used if m in self.latents},
-                  tasks=[self.tasks[i] for i in rows],
-                  pooled={m: v[rows] for m, v in self.pooled.items()})
-            for used, rows in groups.items()
-        ]
+        return [self.select(rows, modalities=used) for used, rows in groups.items()]
+
+    def select(self, rows: list[int] | slice, modalities: tuple[str, ...] | None = None) -> "Batch":
+        """These samples (and only these modalities' latents, when given)."""
+        index = rows if isinstance(rows, slice) else list(rows)
+        tasks = self.tasks[index] if isinstance(index, slice) else [self.tasks[i] for i in index]
+        return Batch(latents={m: x[index] for m, x in self.latents.items() if modalities is None or m in modalities},
+                     tasks=tasks, pooled={m: v[index] for m, v in self.pooled.items()})
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "Batch":
         move = lambda d: {k: v.to(device, dtype, non_blocking=True) for k, v in d.items()}
@@ -103,12 +105,9 @@ class GroupedBatches:
         whole = Batch(latents={m: torch.cat([b.latents[m] for b in parts]) for m in parts[0].latents},
                       tasks=[t for b in parts for t in b.tasks],
                       pooled={m: torch.cat([b.pooled[m] for b in parts]) for m in parts[0].pooled})
-        n = self.batch_size
-        if len(whole) > n:
-            self.pending[key] = [Batch(latents={m: x[n:] for m, x in whole.latents.items()}, tasks=whole.tasks[n:],
-                                       pooled={m: x[n:] for m, x in whole.pooled.items()})]
-        return Batch(latents={m: x[:n] for m, x in whole.latents.items()}, tasks=whole.tasks[:n],
-                     pooled={m: x[:n] for m, x in whole.pooled.items()})
+        if len(whole) > self.batch_size:
+            self.pending[key] = [whole.select(slice(self.batch_size, None))]
+        return whole.select(slice(0, self.batch_size))
 
 
 @dataclass

@@ -130,6 +130,7 @@ def test_toy_clip_as_pooled_encoders(toy_clip):
     from omniflow.toy.clip import toy_pooled_configs
 
     out, _ = toy_clip
+    assert toy_pooled_configs(out)[Modality.IMAGE]["pooled_dim"] == 64  # the CLIP's own width
     configs = toy_pooled_configs(out, 80)
     image, text = build_codec(configs[Modality.IMAGE]), build_codec(configs[Modality.TEXT])
     assert (image.modality, text.modality) == (Modality.IMAGE, Modality.TEXT)

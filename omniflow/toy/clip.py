@@ -283,17 +283,19 @@ def toy_scoring_configs(root: str | Path) -> tuple[ClipConfig, AestheticConfig]:
     return _clip_config(root, manifest["clip"]), _aesthetic_config(root, manifest["aesthetic"])
 
 
-def toy_pooled_configs(root: str | Path, pooled_dim: int) -> dict[Modality, dict]:
-    """Pooled-encoder configs (image and text) of the toy CLIP in `root`, `pooled_dim` wide: the
-    ShapesWorld counterpart of the CLIP vectors OmniFlow conditions on.
+def toy_pooled_configs(root: str | Path, pooled_dim: int | None = None) -> dict[Modality, dict]:
+    """Pooled-encoder configs (image and text) of the toy CLIP in `root`: the ShapesWorld
+    counterpart of the CLIP vectors OmniFlow conditions on. Vectors are the CLIP's embedding width
+    unless `pooled_dim` pads them wider (sampling and training pad them to the model's width).
 
     Example:
-        >>> encoders = {m: build_codec(c) for m, c in toy_pooled_configs("runs/toy/clip", 64).items()}
+        >>> encoders = {m: build_codec(c) for m, c in toy_pooled_configs("runs/toy/clip").items()}
     """
     root = Path(root).resolve()
-    entry = json.loads((root / MANIFEST).read_text())["clip"]
+    manifest = json.loads((root / MANIFEST).read_text())
+    entry = manifest["clip"]
     common = {"path": str(root), "model_name": entry["model_name"], "config_file": entry["config_file"],
-              "pretrained": entry["pretrained"], "pooled_dim": pooled_dim}
+              "pretrained": entry["pretrained"], "pooled_dim": pooled_dim or manifest["embed_dim"]}
     return {Modality.IMAGE: {"kind": "open-clip-image-pooled", **common},
             Modality.TEXT: {"kind": "open-clip-text-pooled", **common}}
 

@@ -138,7 +138,7 @@ def score(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_co
           sampling: Sampling, concepts: tuple | None = None, pooled: Mapping[Modality, Any] | None = None
           ) -> dict[str, dict[str, float]]:
     """Quality of `model` on the evaluated tasks it was trained on: task -> both / colour / shape /
-    unreadable on `samples` held-out scenes (of `concepts` only, when given), sampled as `sampling`
+    unknown (unreadable) on `samples` held-out scenes (of `concepts` only, when given), sampled as `sampling`
     says and as it was trained."""
     info = {"codecs": codec_configs, "absent": config.absent,
             "latent_shapes": {m.value: list(s) for m, s in get_preset(config.preset).latent_shapes().items()}}
@@ -151,7 +151,7 @@ def score(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_co
     if missing:
         raise ValueError(f"{config.name}: no pooled encoder for {missing}")
     report = evaluate(AnyToAny(model, codecs, encoders, info), quality, log=lambda _: None)
-    return {t: {k: r[k] for k in ("both", "colour", "shape", "unreadable") if k in r} for t, r in report["tasks"].items()}
+    return {t: {k: r[k] for k in ("both", "colour", "shape", "unknown") if k in r} for t, r in report["tasks"].items()}
 
 
 def train(config: LearningConfig, codecs: dict, codec_configs: dict, scenes: dict, *, eval_every: int,
