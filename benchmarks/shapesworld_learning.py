@@ -13,8 +13,8 @@ sampling), so one run compares them at equal steps and seconds.
         --arm i2t-pooled tasks=i2t 'pooled=[image,text]'
     python benchmarks/shapesworld_learning.py --out runs/bench/probes --probes-only
 
-`pooled=[image,text]` conditions on the toy CLIP's image and text vectors (`--clip`), as OmniFlow
-conditions on CLIP's; `held_out_concepts=3` trains without three colour-shape pairs and scores them
+`pooled=[image,text,audio]` conditions on the toy CLIP's image and text vectors and its audio
+tower's (`--clip`), as OmniFlow conditions on CLIP's and LanguageBind's; `held_out_concepts=3` trains without three colour-shape pairs and scores them
 apart (dashed in the plot).
 
 `--probes` also fits linear and one-hidden-layer MLP probes (colour, shape) on each modality's latents and reads captions
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--arm", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
                    help="an arm: its name, then settings of `LearningConfig` as key=value (repeat for more arms)")
     p.add_argument("--clip", type=Path, default=Path("runs/toy/clip"),
-                   help="toy CLIP (built here if absent) whose vectors condition arms with pooled=[image,text]")
+                   help="toy CLIP and audio tower (built here if absent) whose vectors condition arms with pooled=[...]")
     p.add_argument("--train-scenes", type=int, default=4000, help="distinct training scenes encoded once")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--eval-samples", type=int, default=60, help="held-out scenes per task at each evaluation")

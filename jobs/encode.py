@@ -51,25 +51,33 @@ class EncodeConfig(EncodingConfig):
     output: str
     storage: st.StorageConfig = Field(default_factory=st.StorageConfig)
     toy_codecs: str | None = Field(None, description="a `build-codecs` directory whose codecs.json sets `codecs`")
+    toy_pooled: str | None = Field(
+        None, description="a `build-clip` directory whose toy CLIP sets `pooled.image` and `pooled.text`")
     rows_per_shard: int = Field(1024, gt=0, description="rows per latent part (about; see AtomicParquetSink)")
     io_num_cpus: float = Field(0.5, gt=0, description="CPUs per read or write task")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="before")
     @classmethod
-    def _toy_codecs(cls, data: Any) -> Any:
-        # Not a string: left to the field's own check, which names it.
-        if isinstance(data, dict) and data.get("toy_codecs") and isinstance(data["toy_codecs"], str):
-            from omniflow.toy.codecs import toy_codec_configs
+    def _toy_models(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        from omniflow.toy.clip import toy_pooled_configs
+        from omniflow.toy.codecs import toy_codec_configs
 
+        for field, target, configs in (("toy_codecs", "codecs", toy_codec_configs),
+                                       ("toy_pooled", "pooled", toy_pooled_configs)):
+            # Not a string: left to the field's own check, which names it.
+            if not (data.get(field) and isinstance(data[field], str)):
+                continue
             try:
-                resolved = toy_codec_configs(data["toy_codecs"])
-            except ValueError as err:
-                raise ValueError(f"toy_codecs: {err}") from None
+                resolved = configs(data[field])
+            except (OSError, ValueError, KeyError) as err:
+                raise ValueError(f"{field}: {data[field]} is not a toy build ({err})") from None
             # a dumped config (a manifest's) holds both, the same: that one validates again
-            if data.get("codecs") and data["codecs"] != resolved:
-                raise ValueError("set either codecs or toy_codecs, not both")
-            data = {**data, "codecs": resolved}
+            if data.get(target) and data[target] != resolved:
+                raise ValueError(f"set either {target} or {field}, not both")
+            data = {**data, target: resolved}
         return data
 
     def encoding(self) -> EncodingConfig:

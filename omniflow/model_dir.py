@@ -139,7 +139,8 @@ def _component_dirs(config: Mapping[str, Any]) -> dict[str, list[str]]:
 
 
 def bundle_components(info: Mapping[str, Any], root: Path) -> dict[str, Any]:
-    """`info` with each codec / pooled-encoder config's local weights copied under `root` and named
+    """`info` with each codec / pooled-encoder config's local weights (the directories and files its
+    `weight_dirs` names) copied under `root` and named
     by paths relative to it: `<modality>_codec/` (and `<modality>_codec_<field>/` for a second
     location such as a vocoder's). Paths that are not local directories (hub ids) stay as they are."""
     out = dict(info)
@@ -155,7 +156,11 @@ def bundle_components(info: Mapping[str, Any], root: Path) -> dict[str, Any]:
                     continue
                 dest = name if field == "path" else f"{name}_{field.removesuffix('_path')}"
                 for part in parts:
-                    shutil.copytree(Path(source) / part, root / dest / part, dirs_exist_ok=True)
+                    if (Path(source) / part).is_file():
+                        (root / dest / part).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(Path(source) / part, root / dest / part)
+                    else:
+                        shutil.copytree(Path(source) / part, root / dest / part, dirs_exist_ok=True)
                 config[field] = dest
             out[group][modality] = config
     return out

@@ -72,35 +72,30 @@ IMAGE_PIXELS, AUDIO_WAVE = "image_pixels", "audio_wave"
 REJECT_STAGE, REJECT_REASON = "reject_stage", "reject_reason"
 
 
-def _config_classes(pooled: bool) -> dict[Modality, dict[str, type[BaseModel]]]:
-    """Codec (or pooled encoder) kinds per modality, with the config class that validates them
-    without loading weights."""
-    if pooled:
-        from omniflow.codecs.pooled import ClapAudioPooledConfig, ClipImagePooledConfig, ClipTextPooledConfig
+def _kinds(modality: Modality, pooled: bool) -> list[str]:
+    """The registered codec (or pooled-encoder) kinds of `modality` (imports every kind's module)."""
+    from omniflow.codecs.base import codec_class, codec_kinds
+    from omniflow.codecs.pooled import PooledEncoder
 
-        return {
-            Modality.TEXT: {"clip-text-pooled": ClipTextPooledConfig},
-            Modality.IMAGE: {"clip-image-pooled": ClipImagePooledConfig},
-            Modality.AUDIO: {"clap-audio-pooled": ClapAudioPooledConfig},
-        }
-    from omniflow.codecs.audio import AudioLDM2CodecConfig, MelVAECodecConfig
-    from omniflow.codecs.image import ImageVAEConfig
-    from omniflow.codecs.text_vae import TextVAECodecConfig
-
-    return {
-        Modality.IMAGE: {"image-vae": ImageVAEConfig},
-        Modality.TEXT: {"omniflow-text-vae": TextVAECodecConfig},
-        Modality.AUDIO: {"audioldm2": AudioLDM2CodecConfig, "mel-vae": MelVAECodecConfig},
-    }
+    return [k for k in codec_kinds()
+            if codec_class(k).modality == modality and issubclass(codec_class(k), PooledEncoder) == pooled]
 
 
 def _validated(modality: Modality, raw: dict, *, pooled: bool = False) -> BaseModel:
-    known = _config_classes(pooled)[modality]
+    """`raw` validated by its kind's config class (no weights loaded); the kind must be a codec (or
+    a pooled encoder) of `modality` in the codec registry."""
+    from omniflow.codecs.base import codec_class
+    from omniflow.codecs.pooled import PooledEncoder
+
     kind = raw.get("kind")
-    if kind not in known:
+    try:
+        cls = codec_class(kind)
+    except ValueError:
+        cls = None
+    if cls is None or cls.modality != modality or issubclass(cls, PooledEncoder) != pooled:
         what = "pooled" if pooled else "codecs"
-        raise ValueError(f"{what}.{modality.value}.kind must be one of {sorted(known)}, got {kind!r}")
-    return known[kind].model_validate(raw)
+        raise ValueError(f"{what}.{modality.value}.kind must be one of {_kinds(modality, pooled)}, got {kind!r}")
+    return cls.config_class.model_validate(raw)
 
 
 class EncodingConfig(BaseModel):

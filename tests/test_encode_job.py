@@ -135,11 +135,13 @@ SETTINGS = {"rows_per_shard": 8, "decode": {"batch_size": 8, "num_cpus": 0.5}, "
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, codecs_dir, ray_cluster) -> tuple[dict, list[dict], dict]:
-    """One uninterrupted float32 run on a local curate output: (settings, input rows, manifest)."""
+def uninterrupted(tmp_path_factory, codecs_dir, toy_clip, ray_cluster) -> tuple[dict, list[dict], dict]:
+    """One uninterrupted float32 run on a local curate output, with the toy CLIP's pooled image and
+    text vectors: (settings, input rows, manifest)."""
     root = tmp_path_factory.mktemp("encode")
     rows = write_input(str(root / "curated"), st.StorageConfig(), n=ROWS, parts=4)
-    settings = {"input": str(root / "curated"), "output": str(root / "out"), "toy_codecs": str(codecs_dir), **SETTINGS}
+    settings = {"input": str(root / "curated"), "output": str(root / "out"), "toy_codecs": str(codecs_dir),
+                "toy_pooled": str(toy_clip[0]), **SETTINGS}
     return settings, rows, run(EncodeConfig.model_validate(settings))
 
 
@@ -153,7 +155,8 @@ def test_local_run_latents_match_the_codecs(uninterrupted, expected):
     settings, rows, manifest = uninterrupted
     _check_counts(manifest, expected)
     assert json.loads((Path(settings["output"]) / "manifest.json").read_text())["counts"] == manifest["counts"]
-    assert manifest["latents"]["shapes"] == {"image_latent": [4, 16, 16], "text_latent": [4, 8], "audio_latent": [4, 64, 32]}
+    assert manifest["latents"]["shapes"] == {"image_latent": [4, 16, 16], "text_latent": [4, 8], "audio_latent": [4, 64, 32],
+                                             "pooled_image": [64], "pooled_text": [64], "pooled_audio": [64]}
     assert manifest["modalities"] == {"encoded": ["image", "text", "audio"], "left_out": []}
     parts = manifest["outputs"]["latents"]
     assert len(parts) >= 20 and all(pq.read_metadata(p).num_rows <= 16 for p in parts)
@@ -178,6 +181,35 @@ def test_local_run_latents_match_the_codecs(uninterrupted, expected):
 
     batches = list(ray.data.read_parquet(parts).iter_batches(batch_size=7, batch_format="pyarrow"))
     assert sum(latents_to_tensors(b)["image_latent"].shape[0] for b in batches) == table.num_rows
+
+
+def test_pooled_vectors_are_the_encoders_own(uninterrupted, codecs_dir, toy_clip):
+    """Each row's pooled vectors are what the toy CLIP (image, text) and its audio tower give for
+    the same inputs the codecs read; a row without the modality holds zeros there."""
+    from omniflow.codecs import build_codec
+    from omniflow.codecs.pooled import pooled_inputs
+    from omniflow.toy.clip import toy_pooled_configs
+
+    settings, rows, manifest = uninterrupted
+    assert set(manifest["pooled"]) == {"image", "text", "audio"}
+    table = pq.read_table(manifest["outputs"]["latents"])
+    tensors = latents_to_tensors(table)
+    by_key = {r["key"]: r for r in rows}
+    codecs = load_toy_codecs(codecs_dir)
+    encoders = {m: build_codec(c) for m, c in toy_pooled_configs(toy_clip[0]).items()}
+    for i, key in enumerate(table.column("key").to_pylist()[:40]):
+        row = by_key[key]
+        for modality, media in ((Modality.IMAGE, row["image"]), (Modality.TEXT, row["caption"]),
+                                (Modality.AUDIO, row["audio"])):
+            got = tensors[f"pooled_{modality.value}"][i]
+            if media is None:
+                assert not got.any()
+                continue
+            inputs = [media] if modality == Modality.TEXT else codecs[modality].preprocess([media])
+            rate = codecs[Modality.AUDIO].sample_rate if modality == Modality.AUDIO else None
+            want = encoders[modality].embed(pooled_inputs(modality, inputs, rate))[0]
+            torch.testing.assert_close(got.float(), want.float(), atol=1e-4, rtol=0)
+            assert abs(float(want.norm()) - 1) < 1e-3  # unit embeddings, not zeros
 
 
 def test_rerun_skips_everything_and_drops_duplicate_parts(uninterrupted, tmp_path):

@@ -29,6 +29,7 @@ from omniflow.pipeline import OmniFlowPipeline
 from omniflow.presets import build_transformer
 from omniflow.shapesworld import make_records
 from omniflow.tasks import BUILTIN_TASKS
+from omniflow.toy.clip import toy_pooled_configs
 from omniflow.toy.codecs import toy_codec_configs
 from pipelines import storage as st
 from serve.client import Client
@@ -38,19 +39,21 @@ SHAPES = {"image": [4, 8, 8], "text": [8, 32], "audio": [4, 32, 16]}  # the toy 
 
 
 @pytest.fixture(scope="module")
-def moved_model(tmp_path_factory, toy_codecs) -> Path:
-    """A model directory written against a codec build that is then deleted, and copied elsewhere:
-    what a user gets after `make demo` on one machine and a copy to another."""
+def moved_model(tmp_path_factory, toy_codecs, toy_clip) -> Path:
+    """A model directory written against codec and pooled-encoder builds that are then deleted,
+    and copied elsewhere: what a user gets after `make demo` on one machine and a copy to another."""
     root = tmp_path_factory.mktemp("portable")
-    build = root / "toy-build"
+    build, clip_build = root / "toy-build", root / "toy-clip"
     shutil.copytree(toy_codecs[0], build)
+    shutil.copytree(toy_clip[0], clip_build)
     torch.manual_seed(0)
-    info = {"preset": "toy", "latent_shapes": SHAPES, "codecs": toy_codec_configs(build), "pooled": {}}
+    info = {"preset": "toy", "latent_shapes": SHAPES, "codecs": toy_codec_configs(build),
+            "pooled": {m.value: c for m, c in toy_pooled_configs(clip_build).items()}}
     written = save_model_dir(build_transformer("toy"), root / "trained" / "model", extra=info)
     moved = root / "elsewhere" / "model"
     shutil.copytree(written, moved)
-    shutil.rmtree(build)
-    shutil.rmtree(written)
+    for gone in (build, clip_build, written):
+        shutil.rmtree(gone)
     return moved
 
 
@@ -58,9 +61,15 @@ def test_a_moved_directory_names_only_what_it_holds(moved_model):
     on_disk = json.loads((moved_model / "omniflow.json").read_text())
     assert {m: c["path"] for m, c in on_disk["codecs"].items()} == {
         "image": "image_codec", "audio": "audio_codec", "text": "text_codec"}
+    assert {m: c["path"] for m, c in on_disk["pooled"].items()} == {
+        "image": "image_pooled", "audio": "audio_pooled", "text": "text_pooled"}
+    # an open_clip encoder brings its two files, not the rest of the build it came from
+    assert sorted(p.name for p in (moved_model / "image_pooled").iterdir()) == [
+        "open_clip_model.safetensors", "shapesworld-clip.json"]
     index = json.loads((moved_model / "model_index.json").read_text())
     assert index["_class_name"] == "OmniFlowPipeline"
-    assert {k for k in index if not k.startswith("_")} == {"transformer", "image_codec", "audio_codec", "text_codec"}
+    assert {k for k in index if not k.startswith("_")} == {
+        "transformer", "image_codec", "audio_codec", "text_codec", "image_pooled", "audio_pooled", "text_pooled"}
     assert all((moved_model / name).is_dir() for name in index if not name.startswith("_"))
 
 
@@ -72,6 +81,8 @@ def pipe(moved_model) -> OmniFlowPipeline:
 def test_from_pretrained_generates_every_modality(pipe):
     record = make_records(1, seed=3)[0]
     assert sorted(pipe.tasks()) == sorted(BUILTIN_TASKS)
+    assert [type(e).__name__ for e in (pipe.image_pooled, pipe.text_pooled, pipe.audio_pooled)] == [
+        "OpenClipImagePooled", "OpenClipTextPooled", "MelVitAudioPooled"]
     image = pipe(task="t2i", text=record["caption"], num_inference_steps=2, seed=7, num_outputs=2).images
     assert len(image) == 2 and all(isinstance(i, PIL.Image.Image) and i.size == (32, 32) for i in image)
     again = pipe(task="t2i", text=record["caption"], num_inference_steps=2, seed=7).images[0]

@@ -1,5 +1,5 @@
-"""The toy CLIP and aesthetic head: trained on ShapesWorld, cached, loaded like released weights,
-and scoring through the Ray Data stages exactly as in-process."""
+"""The toy CLIP, aesthetic head and audio tower: trained on ShapesWorld, cached, loaded like
+released weights, and scoring through the Ray Data stages exactly as in-process."""
 
 import json
 
@@ -24,6 +24,7 @@ from pipelines.scorers import ClipScoringConfig, add_clip_scoring
 TINY = {
     "train_samples": 40, "defect_samples": 8, "eval_samples": 10, "steps": 2, "batch_size": 8,
     "aesthetic": {"train_samples": 20, "eval_samples": 10, "steps": 2},
+    "audio_tower": {"train_samples": 20, "eval_samples": 10, "steps": 2, "batch_size": 8},
 }
 
 
@@ -79,7 +80,7 @@ def test_cli_builds_and_prints_separation(tmp_path, capsys, one_thread):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     out = str(tmp_path / "clip")
     assert main_build_clip(["--out", out, "--config", str(tmp_path / "tiny.yaml"), "--threads", "1"]) == 0
-    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"clip_auc", "aesthetic_auc"}
+    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"clip_auc", "aesthetic_auc", "audio_tower_auc"}
     (tmp_path / "bad.yaml").write_text("stpes: 3\n")
     assert main_build_clip(["--out", out, "--config", str(tmp_path / "bad.yaml")]) == 2
 
@@ -147,3 +148,33 @@ def test_toy_clip_as_pooled_encoders(toy_clip):
     assert torch.allclose(images[:, :64], direct, atol=1e-5)
     with pytest.raises(ValueError, match="pretrained"):
         build_codec({k: v for k, v in configs[Modality.TEXT].items() if k != "pretrained"})
+
+
+def test_audio_tower_vectors_sit_in_the_text_space(toy_clip):
+    """The audio tower (the mel-vit-audio-pooled kind, a CLIPVisionModelWithProjection saved with
+    save_pretrained) puts a clip nearest the toy CLIP's captions of its own concept, reads encoded
+    bytes and (wave, rate) at another rate alike, and pads to the pooled width."""
+    import numpy as np
+    from transformers import CLIPVisionModelWithProjection
+
+    from omniflow.codecs import build_codec
+    from omniflow.codecs.media import decode_audio, resample
+    from omniflow.modality import Modality
+    from omniflow.toy.clip import toy_pooled_configs
+
+    out, manifest = toy_clip
+    assert manifest["audio_tower_eval"]["auc"] > 0.95
+    config = toy_pooled_configs(out, 80)[Modality.AUDIO]
+    assert isinstance(CLIPVisionModelWithProjection.from_pretrained(config["path"]), CLIPVisionModelWithProjection)
+    audio, text = build_codec(config), build_codec(toy_pooled_configs(out, 80)[Modality.TEXT])
+    assert audio.modality == Modality.AUDIO
+    records = make_records(12, seed=78)
+    clips = audio.embed([r["audio"] for r in records])
+    assert clips.shape == (12, 80) and torch.all(clips[:, 64:] == 0)
+    assert torch.allclose(clips[:, :64].norm(dim=1), torch.ones(12), atol=1e-4)
+    concepts = [(r["colour"], r["shape"]) for r in records]
+    best = (clips @ text.embed([r["caption"] for r in records]).T).argmax(dim=1).tolist()
+    assert sum(concepts[j] == concepts[i] for i, j in enumerate(best)) >= 11
+    wave, rate = decode_audio(records[0]["audio"])
+    again = audio.embed([(resample(np.asarray(wave, dtype=np.float32), rate, 22_050), 22_050)])
+    assert float(again[0] @ clips[0]) > 0.95

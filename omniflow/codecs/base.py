@@ -34,8 +34,8 @@ class CodecConfig(BaseModel):
         return getattr(torch, self.dtype)
 
     def weight_dirs(self) -> dict[str, list[str]]:
-        """Where loading reads weights: config field holding a directory -> the subdirectories of it
-        that are read ("." for all of it). A model directory copies exactly these."""
+        """Where loading reads weights: config field holding a directory -> the subdirectories or
+        files of it that are read ("." for all of it). A model directory copies exactly these."""
         return {"path": [self.subfolder or "."]}
 
 
@@ -84,6 +84,7 @@ _BUILTIN: dict[str, str] = {
     "clap-audio-pooled": "omniflow.codecs.pooled",
     "open-clip-image-pooled": "omniflow.codecs.pooled",
     "open-clip-text-pooled": "omniflow.codecs.pooled",
+    "mel-vit-audio-pooled": "omniflow.codecs.pooled",
 }
 
 

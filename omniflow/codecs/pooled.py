@@ -6,6 +6,9 @@ embedding written into the first dimensions of an otherwise zero 2048-wide vecto
 image embeddings for images, an audio embedding (CLAP here) for audio. An open_clip model
 (`open-clip-image-pooled`, `open-clip-text-pooled`) gives image and text vectors from one
 embedding space, as the reference's DataComp ViT-L/14 does and as the toy CLIP does on ShapesWorld.
+`mel-vit-audio-pooled` is an audio tower in the LanguageBind manner: a ViT of CLIP's vision
+architecture over log-mel spectrograms whose projection was trained into a CLIP text space, so
+audio vectors sit in the same space as that CLIP's text and image vectors.
 """
 
 from abc import ABC, abstractmethod
@@ -28,6 +31,7 @@ from transformers import (
 from omniflow.codecs.base import CodecConfig, load_pretrained, register_codec
 from omniflow.codecs.image import as_pil
 from omniflow.codecs.media import decode_audio, resample
+from omniflow.codecs.mel import TOY_MEL, MelConfig, log_mel
 from omniflow.modality import Modality
 from omniflow.scoring.clip import ClipConfig, load_clip
 
@@ -177,6 +181,9 @@ class OpenClipPooledConfig(PooledConfig):
     config_file: str
     pretrained: str
 
+    def weight_dirs(self) -> dict[str, list[str]]:
+        return {"path": [self.config_file, self.pretrained]}
+
     def clip_config(self) -> ClipConfig:
         root = Path(self.path)
         return ClipConfig(model_name=self.model_name, config_file=str(root / self.config_file),
@@ -213,3 +220,49 @@ class OpenClipTextPooled(_OpenClipPooled):
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         return pad_pooled(self.clip.embed_texts(list(texts)), self.config.pooled_dim)
+
+
+class MelVitAudioPooledConfig(PooledConfig):
+    """A `CLIPVisionModelWithProjection` with one input channel saved in `path` (or its
+    `subfolder`), the log-mel front end `mel` it reads, and the statistics its input is
+    standardised with."""
+
+    kind: str = "mel-vit-audio-pooled"
+    mel: MelConfig = TOY_MEL
+    mel_mean: float = 0.0
+    mel_std: float = Field(1.0, gt=0)
+
+
+def mel_pixels(audio: Sequence[Any], config: MelVitAudioPooledConfig, image_size: int) -> torch.Tensor:
+    """Clips (encoded bytes or (wave, sample_rate)) -> (B, 1, S, S) standardised log-mel images:
+    each clip resampled to the front end's rate, padded or cut to its length, its (mels x frames)
+    spectrogram resized to the tower's square input."""
+    mel = config.mel
+    waves = []
+    for clip in audio:
+        wave, sr = decode_audio(clip) if isinstance(clip, bytes) else clip
+        wave = resample(np.asarray(wave, dtype=np.float32), sr, mel.sample_rate)[: mel.num_samples]
+        waves.append(np.pad(wave, (0, mel.num_samples - len(wave))))
+    spec_B1TM = log_mel(torch.from_numpy(np.stack(waves)), mel)
+    spec_B1MT = ((spec_B1TM - config.mel_mean) / config.mel_std).transpose(2, 3)
+    return torch.nn.functional.interpolate(spec_B1MT, size=(image_size, image_size), mode="bilinear",
+                                           align_corners=False)
+
+
+@register_codec("mel-vit-audio-pooled")
+class MelVitAudioPooled(PooledEncoder):
+    """Audio -> the tower's unit embeddings, zero-padded."""
+
+    modality = Modality.AUDIO
+    config_class = MelVitAudioPooledConfig
+
+    def __init__(self, config: MelVitAudioPooledConfig):
+        super().__init__(config)
+        self.model = self._load(CLIPVisionModelWithProjection, config.subfolder)
+
+    @torch.no_grad()
+    def embed(self, audio: Sequence[Any]) -> torch.Tensor:
+        """Clips as encoded bytes or (wave, sample_rate)."""
+        pixels = mel_pixels(audio, self.config, self.model.config.image_size)
+        embeds = self.model(pixel_values=pixels.to(self.device, self.dtype)).image_embeds.float()
+        return pad_pooled(torch.nn.functional.normalize(embeds, dim=-1), self.config.pooled_dim)

@@ -52,6 +52,7 @@ from omniflow.shapesworld import (
     sample_concepts,
     sample_scenes,
 )
+from omniflow.toy.audio_tower import ToyAudioTowerBuild, build_audio_tower
 from omniflow.toy.cache import cached_manifest, commit, new_staging
 
 MANIFEST = "clip.json"
@@ -122,6 +123,7 @@ class ToyClipConfig(BaseModel):
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(50, ge=0)
     aesthetic: ToyAestheticBuild = Field(default_factory=ToyAestheticBuild)
+    audio_tower: ToyAudioTowerBuild = Field(default_factory=ToyAudioTowerBuild)
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
@@ -284,28 +286,34 @@ def toy_scoring_configs(root: str | Path) -> tuple[ClipConfig, AestheticConfig]:
 
 
 def toy_pooled_configs(root: str | Path, pooled_dim: int | None = None) -> dict[Modality, dict]:
-    """Pooled-encoder configs (image and text) of the toy CLIP in `root`: the ShapesWorld
-    counterpart of the CLIP vectors OmniFlow conditions on. Vectors are the CLIP's embedding width
-    unless `pooled_dim` pads them wider (sampling and training pad them to the model's width).
+    """Pooled-encoder configs of the toy CLIP in `root` (image and text) and of its audio tower
+    (audio, in the CLIP's text space): the ShapesWorld counterpart of the CLIP and LanguageBind
+    vectors OmniFlow conditions on. Vectors are the CLIP's embedding width unless `pooled_dim` pads
+    them wider (sampling and training pad them to the model's width).
 
     Example:
         >>> encoders = {m: build_codec(c) for m, c in toy_pooled_configs("runs/toy/clip").items()}
     """
     root = Path(root).resolve()
+    if not (root / MANIFEST).is_file():
+        raise ValueError(f"{root} has no {MANIFEST}; build it with `python -m omniflow.toy build-clip --out {root}`")
     manifest = json.loads((root / MANIFEST).read_text())
     entry = manifest["clip"]
     common = {"path": str(root), "model_name": entry["model_name"], "config_file": entry["config_file"],
               "pretrained": entry["pretrained"], "pooled_dim": pooled_dim or manifest["embed_dim"]}
+    tower = manifest["audio_tower"]
     return {Modality.IMAGE: {"kind": "open-clip-image-pooled", **common},
-            Modality.TEXT: {"kind": "open-clip-text-pooled", **common}}
+            Modality.TEXT: {"kind": "open-clip-text-pooled", **common},
+            Modality.AUDIO: {**tower, "path": str(root / tower["path"]), "pooled_dim": common["pooled_dim"]}}
 
 
 def build_toy_clip(
     out: str | Path, config: ToyClipConfig | None = None, *, force: bool = False, log: Callable[[str], None] = print
 ) -> dict:
-    """Train the toy CLIP and its aesthetic head into `out` (or reuse them when `out` holds this
-    config's build). Returns the manifest: the scoring configs (paths relative to `out`), the
-    held-out separation of CLIP and aesthetic scores, timings and the config hash.
+    """Train the toy CLIP, its aesthetic head and its audio tower (`omniflow.toy.audio_tower`) into
+    `out` (or reuse them when `out` holds this config's build). Returns the manifest: the scoring
+    configs and the tower's pooled-encoder config (paths relative to `out`), the held-out
+    separation of CLIP, aesthetic and audio-tower scores, timings and the config hash.
 
     Example:
         >>> manifest = build_toy_clip("runs/toy/clip")
@@ -361,6 +369,10 @@ def build_toy_clip(
     log(f"[aesthetic] held-out clean vs blank/noise AUC {aesthetic_eval['auc']:.4f} "
         f"(clean min {aesthetic_eval['clean_min']:.2f}, defect max {aesthetic_eval['defect_max']:.2f})")
 
+    t0 = time.perf_counter()
+    tower = build_audio_tower(clip, config.audio_tower, staging, seed=config.seed, log=log)
+    seconds["audio_tower"] = round(time.perf_counter() - t0, 1)
+
     manifest = {
         "config_hash": config.digest(),
         "config": config.model_dump(mode="json"),
@@ -370,6 +382,8 @@ def build_toy_clip(
         "final_loss": round(float(np.mean(losses[-max(1, config.steps // 20):])), 4),
         "clip_eval": clip_eval,
         "aesthetic_eval": aesthetic_eval,
+        "audio_tower": tower["entry"],
+        "audio_tower_eval": tower["eval"],
         "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)},
     }
     return commit(staging, out, MANIFEST, manifest)
@@ -409,5 +423,8 @@ def run_build_clip(args: argparse.Namespace) -> int:
     )
     print(f"  aesthetic: clean vs blank/noise AUC {aesthetic_eval['auc']:.4f} "
           f"(clean mean {aesthetic_eval['clean_mean']:.2f}, defect mean {aesthetic_eval['defect_mean']:.2f})")
-    print(json.dumps({"clip_auc": clip_eval["auc"], "aesthetic_auc": aesthetic_eval["auc"]}))
+    tower_eval = manifest["audio_tower_eval"]
+    print(f"  audio tower: matched vs mismatched caption AUC {tower_eval['auc']:.4f} (per clip {tower_eval['per_clip']:.3f})")
+    print(json.dumps({"clip_auc": clip_eval["auc"], "aesthetic_auc": aesthetic_eval["auc"],
+                      "audio_tower_auc": tower_eval["auc"]}))
     return 0

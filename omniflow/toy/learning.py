@@ -67,8 +67,9 @@ class LearningConfig(BaseModel):
     precision: str = "fp32"
     train_scenes: int | None = Field(None, description="distinct training scenes (default: --train-scenes)")
     sampling: Sampling = Field(default_factory=Sampling)
-    pooled: tuple[Literal["image", "text"], ...] = Field(
-        (), description="condition on these modalities' pooled vectors (the toy CLIP's, as OmniFlow on CLIP's)")
+    pooled: tuple[Literal["image", "text", "audio"], ...] = Field(
+        (), description="condition on these modalities' pooled vectors (the toy CLIP's and its audio tower's, "
+                        "as OmniFlow on CLIP's and LanguageBind's)")
     held_out_concepts: int = Field(0, ge=0, le=6, description="colour-shape pairs never trained on "
                                    "(`split_concepts(n_held_out=...)`), scored apart as `held_out_tasks`")
 
@@ -100,7 +101,8 @@ def encode_scenes(codecs: dict, n: int, seed: int, batch: int = 256, pooled: Map
     and with `pooled` encoders (modality -> encoder) each modality's pooled vectors."""
     image, text, audio = codecs[Modality.IMAGE], codecs[Modality.TEXT], codecs[Modality.AUDIO]
     data = shapes_data(n, seed=seed, image_size=image.config.resolution, mel=audio.mel)
-    media = {Modality.IMAGE: list(data.images), Modality.TEXT: data.captions}
+    media = {Modality.IMAGE: list(data.images), Modality.TEXT: data.captions,
+             Modality.AUDIO: [(w, audio.sample_rate) for w in data.waves]}
     out = {m: [] for m in ("image", "text", "audio")}
     vectors = {m.value: [] for m in pooled or {}}
     with torch.inference_mode():
