@@ -57,6 +57,15 @@ def pooled_inputs(modality: Modality, inputs: "Sequence[str] | torch.Tensor", sa
     return list(inputs)
 
 
+def waves_at(audio: Sequence[bytes | tuple[np.ndarray, int]], rate: int) -> list[np.ndarray]:
+    """Clips (WAV/FLAC bytes or (waveform, sample rate)) as float32 waveforms at `rate`."""
+    waves = []
+    for clip in audio:
+        wave, sr = decode_audio(clip) if isinstance(clip, bytes) else clip
+        waves.append(resample(np.asarray(wave, dtype=np.float32), sr, rate))
+    return waves
+
+
 class PooledEncoder(ABC):
     """A batch of one modality's media -> pooled vectors (B, pooled_dim)."""
 
@@ -160,11 +169,7 @@ class ClapAudioPooled(PooledEncoder):
     def embed(self, audio: Sequence[bytes | tuple[np.ndarray, int]]) -> torch.Tensor:
         """Clips as WAV/FLAC bytes or (waveform, sample rate) pairs."""
         rate = self.features.sampling_rate
-        waves = []
-        for clip in audio:
-            wave, sr = decode_audio(clip) if isinstance(clip, bytes) else clip
-            waves.append(resample(np.asarray(wave, dtype=np.float32), sr, rate))
-        inputs = self.features(waves, sampling_rate=rate, return_tensors="pt")
+        inputs = self.features(waves_at(audio, rate), sampling_rate=rate, return_tensors="pt")
         embeds = self.model.get_audio_features(input_features=inputs.input_features.to(self.device, self.dtype))
         if not isinstance(embeds, torch.Tensor):  # newer transformers return an output object
             embeds = embeds.pooler_output
@@ -238,11 +243,7 @@ def mel_pixels(audio: Sequence[Any], config: MelVitAudioPooledConfig, image_size
     each clip resampled to the front end's rate, padded or cut to its length, its (mels x frames)
     spectrogram resized to the tower's square input."""
     mel = config.mel
-    waves = []
-    for clip in audio:
-        wave, sr = decode_audio(clip) if isinstance(clip, bytes) else clip
-        wave = resample(np.asarray(wave, dtype=np.float32), sr, mel.sample_rate)[: mel.num_samples]
-        waves.append(np.pad(wave, (0, mel.num_samples - len(wave))))
+    waves = [np.pad(w[: mel.num_samples], (0, max(0, mel.num_samples - len(w)))) for w in waves_at(audio, mel.sample_rate)]
     spec_B1TM = log_mel(torch.from_numpy(np.stack(waves)), mel)
     spec_B1MT = ((spec_B1TM - config.mel_mean) / config.mel_std).transpose(2, 3)
     return torch.nn.functional.interpolate(spec_B1MT, size=(image_size, image_size), mode="bilinear",
