@@ -364,6 +364,8 @@ def test_bad_config_names_the_field(tmp_path, codecs_dir, capsys):
         load_config(EncodeConfig, None, [*base, f"toy_codecs={codecs_dir}", "dtype=int8"])
     with pytest.raises(ConfigError, match="has no codecs.json"):
         load_config(EncodeConfig, None, [*base, f"toy_codecs={tmp_path}"])
+    with pytest.raises(ConfigError, match="toy_pooled: .* has no clip.json; build it with"):
+        load_config(EncodeConfig, None, [*base, f"toy_codecs={codecs_dir}", f"toy_pooled={tmp_path}"])
     config = load_config(EncodeConfig, None, [*base, f"toy_codecs={codecs_dir}"])
     assert EncodeConfig.model_validate(config.model_dump(mode="json")) == config  # as a manifest records it
     assert main([*base, "codecs={}"]) == 2

@@ -154,9 +154,11 @@ def runtime_envs() -> dict[str, dict]:
 
 @pytest.fixture
 def fake_toy_codecs(monkeypatch):
-    """Validation as on the cluster, without it. `toy_codecs` names a directory built into the image,
-    absent here: stand in for its codecs.json and record which directories the configs asked for.
-    Validating a config must not touch storage (the s3:// paths are the cluster's): any attempt fails."""
+    """Validation as on the cluster, without it. `toy_codecs` and `toy_pooled` name directories built
+    into the image, absent here: stand in for their codecs.json and clip.json and record which
+    directories the configs asked for. Validating a config must not touch storage (the s3:// paths
+    are the cluster's): any attempt fails."""
+    import omniflow.toy.clip
     import omniflow.toy.codecs
 
     def no_storage(path, *args, **kwargs):
@@ -170,7 +172,14 @@ def fake_toy_codecs(monkeypatch):
         return {"image": {"kind": "image-vae", "path": posixpath.join(str(root), "image_vae"), "resolution": 32},
                 "text": {"kind": "omniflow-text-vae", "path": posixpath.join(str(root), "text_vae")}}
 
+    def toy_pooled_configs(root, pooled_dim=None):
+        asked.append(str(root))
+        clip = {"path": str(root), "model_name": "shapesworld-clip", "config_file": "shapesworld-clip.json",
+                "pretrained": "open_clip_model.safetensors", "pooled_dim": 64}
+        return {"image": {"kind": "open-clip-image-pooled", **clip}, "text": {"kind": "open-clip-text-pooled", **clip}}
+
     monkeypatch.setattr(omniflow.toy.codecs, "toy_codec_configs", toy_codec_configs)
+    monkeypatch.setattr(omniflow.toy.clip, "toy_pooled_configs", toy_pooled_configs)
     return asked
 
 

@@ -10,6 +10,7 @@ loads as the `mel-vit-audio-pooled` pooled encoder, like a released checkpoint o
 """
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from omniflow.codecs.mel import TOY_MEL, log_mel
-from omniflow.codecs.pooled import MelVitAudioPooledConfig, mel_pixels
+from omniflow.codecs.pooled import MelVitAudioPooled, MelVitAudioPooledConfig, mel_pixels
 from omniflow.lr import warmup_cosine
 from omniflow.scoring.clip import OpenClip
 from omniflow.shapesworld import SAMPLE_RATE, all_concepts, render_audio, render_captions, sample_concepts, sample_scenes
@@ -123,7 +124,7 @@ def tower_config(path: str, mean: float, std: float, pooled_dim: int) -> dict:
 
 
 @torch.inference_mode()
-def audio_separation(encoder, clip: OpenClip, n: int, *, seed: int) -> dict[str, float]:
+def audio_separation(encoder: MelVitAudioPooled, clip: OpenClip, n: int, *, seed: int) -> dict[str, float]:
     """How well clips' vectors match their own captions' over a caption of another concept (same
     wording), on `n` fresh scenes; `encoder` is the loaded `mel-vit-audio-pooled` encoder."""
     from omniflow.toy.clip import auc, mismatched_captions
@@ -136,7 +137,7 @@ def audio_separation(encoder, clip: OpenClip, n: int, *, seed: int) -> dict[str,
             "matched_mean": float(matched.mean()), "mismatched_mean": float(mismatched.mean())}
 
 
-def build_audio_tower(clip: OpenClip, cfg: ToyAudioTowerBuild, out, *, seed: int,
+def build_audio_tower(clip: OpenClip, cfg: ToyAudioTowerBuild, out: Path, *, seed: int,
                       log: Callable[[str], None] = print) -> dict:
     """Train the tower against `clip`'s text tower and save it in `out / SUBFOLDER`. Returns its
     pooled-encoder config (path relative to `out`) and held-out separation."""

@@ -301,6 +301,9 @@ def toy_pooled_configs(root: str | Path, pooled_dim: int | None = None) -> dict[
     entry = manifest["clip"]
     common = {"path": str(root), "model_name": entry["model_name"], "config_file": entry["config_file"],
               "pretrained": entry["pretrained"], "pooled_dim": pooled_dim or manifest["embed_dim"]}
+    if "audio_tower" not in manifest:
+        raise ValueError(f"{root} was built without the audio tower; rebuild it with "
+                         f"`python -m omniflow.toy build-clip --out {root}`")
     tower = manifest["audio_tower"]
     return {Modality.IMAGE: {"kind": "open-clip-image-pooled", **common},
             Modality.TEXT: {"kind": "open-clip-text-pooled", **common},
