@@ -52,7 +52,8 @@ class EncodeConfig(EncodingConfig):
     storage: st.StorageConfig = Field(default_factory=st.StorageConfig)
     toy_codecs: str | None = Field(None, description="a `build-codecs` directory whose codecs.json sets `codecs`")
     toy_pooled: str | None = Field(
-        None, description="a `build-clip` directory whose toy CLIP sets `pooled.image` and `pooled.text`")
+        None, description="a `build-clip` directory whose toy CLIP sets `pooled.image` and `pooled.text`, "
+                          "its audio tower `pooled.audio`")
     rows_per_shard: int = Field(1024, gt=0, description="rows per latent part (about; see AtomicParquetSink)")
     io_num_cpus: float = Field(0.5, gt=0, description="CPUs per read or write task")
     ray: RayConfig = Field(default_factory=RayConfig)
