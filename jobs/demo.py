@@ -10,8 +10,10 @@ configs of `configs/` pointed into the output directory:
     -> train stage 1 (image-text) and stage 2 (text-audio) -> merge -> train stage 3 (any-to-any)
     -> serve the model and query every task over HTTP -> measure quality -> report
 
-A stage whose manifest exists with the same config hash is reused, so a rerun (or one after an
-interruption) redoes only what changed. Output `<out>/`:
+A stage whose manifest exists with the same config hash, and whose inputs are the ones it was made
+from, is reused, so a rerun (or one after an interruption) redoes only what changed and everything
+after it; a stage whose inputs changed starts from an empty output directory (`<out>/lineage.json`
+records which toy builds and which run of the stage before it each stage read). Output `<out>/`:
     curated/ triplets/ latents/ train/ merge/   each stage's output and manifest.json
     samples/                                    what the service answered per task (PNG, WAV, TXT)
     metrics.json                                quality per task (colour, shape, both), curation
@@ -20,12 +22,15 @@ interruption) redoes only what changed. Output `<out>/`:
                                                 curves, curation histograms and counts
 """
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +79,18 @@ def _stage_config(model: type[BaseModel], file: str, out: str, toy: str, edit: C
     return load_config(model, data, overrides)
 
 
+def toy_fingerprint(toy: Path) -> str:
+    """The toy builds' identity: their manifests' bytes (config hash and build timings, so that a
+    rebuild of the same config counts as new weights)."""
+    from omniflow.toy.clip import MANIFEST as CLIP_MANIFEST
+    from omniflow.toy.codecs import MANIFEST as CODECS_MANIFEST
+
+    digest = hashlib.sha256()
+    for path in (toy / "clip" / CLIP_MANIFEST, toy / "codecs" / CODECS_MANIFEST):
+        digest.update(path.read_bytes() if path.is_file() else b"absent")
+    return digest.hexdigest()[:16]
+
+
 def _reuse(manifest_path: Path, config: BaseModel) -> dict | None:
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -88,15 +105,32 @@ class Demo:
         self.progress = Progress("demo")
         self.timings: dict[str, float] = {}
         self.reused: list[str] = []
+        self.lineage_path = self.out / "lineage.json"
+        # stage -> {"input": what it read, "output": this run's identity, once it finished}
+        self.lineage: dict[str, dict[str, str]] = (
+            json.loads(self.lineage_path.read_text()) if self.lineage_path.is_file() else {})
+        self.upstream = ""  # the identity of what the next stage reads
 
     def stage(self, name: str, config: BaseModel, manifest_path: Path, run: Callable[[Any], dict],
               follow: Path | None = None) -> dict:
-        """Run a job, or reuse its output; `follow` is a metrics.jsonl whose lines are shown as they come."""
-        manifest = _reuse(manifest_path, config)
+        """Run a job, or reuse its output when made with this config from the same inputs; `follow`
+        is a metrics.jsonl whose lines are shown as they come. Stages run in order, each reading
+        what the ones before it wrote."""
+        entry = self.lineage.get(name, {})
+        same_input = entry.get("input") == self.upstream
+        manifest = _reuse(manifest_path, config) if same_input and "output" in entry else None
         if manifest is not None:
-            self.progress.log(f"{name}: reusing {manifest_path.parent} (same config)")
+            self.progress.log(f"{name}: reusing {manifest_path.parent} (same config and inputs)")
             self.reused.append(name)
+            self.upstream = entry["output"]
             return manifest
+        out = manifest_path.parent
+        if not same_input and out.exists() and self.out.resolve() in out.resolve().parents:
+            # a job resumes into what its output holds; made from other inputs, that is stale
+            self.progress.log(f"{name}: what it reads changed; removing {out}")
+            shutil.rmtree(out)
+        self.lineage[name] = {"input": self.upstream}  # with the same inputs, a rerun resumes
+        self._write_lineage()
         self.progress.log(f"{name}: running")
         start = time.perf_counter()
         stop = threading.Event()
@@ -108,7 +142,14 @@ class Demo:
             stop.set()
         self.timings[name] = round(time.perf_counter() - start, 1)
         self.progress.log(f"{name}: done in {self.timings[name]} s")
+        # what later stages read is new even where it came out the same: they run again
+        self.upstream = self.lineage[name]["output"] = uuid.uuid4().hex[:16]
+        self._write_lineage()
         return manifest
+
+    def _write_lineage(self) -> None:
+        self.lineage_path.parent.mkdir(parents=True, exist_ok=True)
+        self.lineage_path.write_text(json.dumps(self.lineage, indent=1))
 
     def run(self) -> dict:
         from jobs import curate, encode, merge, synthesize, train
@@ -120,6 +161,7 @@ class Demo:
         self.progress.phase(f"toy models (built once into {c.toy})")
         t0 = time.perf_counter()
         self._toy_models()
+        self.upstream = toy_fingerprint(Path(c.toy))
         self.timings["toy models"] = round(time.perf_counter() - t0, 1)
         init_ray(c.ray.num_cpus)
 

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.demo import DemoConfig, run
+from pydantic import BaseModel
+
+from jobs.common import config_hash
+from jobs.demo import Demo, DemoConfig, run, toy_fingerprint
 from omniflow.merge import stream_of
 from omniflow.model_dir import load_model_dir
 from omniflow.modality import Modality
@@ -98,3 +101,54 @@ def test_checkers_read_ground_truth_media_as_their_concepts():
     for modality, field in ((Modality.IMAGE, "image"), (Modality.AUDIO, "audio"), (Modality.TEXT, "caption")):
         accuracy = concept_accuracy(read_concepts(modality, [r[field] for r in records]), truth)
         assert accuracy["both"] == 1.0, modality
+
+
+class _Step(BaseModel):
+    value: int
+
+
+def test_a_stage_is_redone_when_anything_before_it_was(tmp_path):
+    """Reuse follows the chain: a stage whose config is unchanged still runs again, from an empty
+    output directory, when a stage before it ran again or the toy models were rebuilt; a changed
+    config with the same inputs runs into the same directory (the job resumes what it can)."""
+    ran: list[str] = []
+
+    def flow(toy: str, value: int = 1) -> list[str]:
+        demo = Demo(DemoConfig(out=str(tmp_path)))
+        demo.upstream = toy
+        for name in ("first", "second", "third"):
+            config = _Step(value=value if name == "third" else 1)
+
+            def job(config, name=name):
+                ran.append(name)
+                (tmp_path / name / "kept").parent.mkdir(exist_ok=True)
+                (tmp_path / name / "kept").touch()  # what a resumed job would find
+                return {"job": name}
+            manifest = tmp_path / name / "manifest.json"
+            done = demo.stage(name, config, manifest, job)
+            manifest.write_text(json.dumps({**done, "config_hash": config_hash(config)}))
+        return demo.reused
+
+    assert flow("toy-a") == [] and ran == ["first", "second", "third"]
+    ran.clear()
+    assert flow("toy-a") == ["first", "second", "third"] and ran == []
+    (tmp_path / "third" / "resumable").touch()
+    assert flow("toy-a", value=2) == ["first", "second"] and ran == ["third"]  # e.g. more steps
+    assert (tmp_path / "third" / "resumable").is_file()
+    ran.clear()
+    (tmp_path / "second" / "manifest.json").unlink()  # the second stage runs again: so must the third
+    assert flow("toy-a", value=2) == ["first"] and ran == ["second", "third"]
+    assert not (tmp_path / "third" / "resumable").exists()  # made from the old second stage's output
+    ran.clear()
+    assert flow("toy-b", value=2) == [] and ran == ["first", "second", "third"]  # rebuilt toy models
+
+
+def test_toy_fingerprint_changes_with_a_rebuild(tmp_path):
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "codecs").mkdir()
+    (tmp_path / "clip" / "clip.json").write_text('{"config_hash": "a", "seconds": 1}')
+    (tmp_path / "codecs" / "codecs.json").write_text('{"config_hash": "b", "seconds": 2}')
+    before = toy_fingerprint(tmp_path)
+    assert toy_fingerprint(tmp_path) == before
+    (tmp_path / "codecs" / "codecs.json").write_text('{"config_hash": "b", "seconds": 3}')  # same config, rebuilt
+    assert toy_fingerprint(tmp_path) != before

@@ -42,7 +42,7 @@ from omniflow.toy.cache import cached_manifest, commit, new_staging
 
 MANIFEST = "codecs.json"
 # Part of the cache key: bump when the build writes something different for the same config.
-BUILD_VERSION = 2  # 2: per-channel latent normalisation
+BUILD_VERSION = 3  # 2: per-channel latent normalisation; 3: audio trained on clips as the sources render them
 
 
 class ImageVAEBuild(BaseModel):
@@ -105,12 +105,14 @@ class ShapesData:
 
 
 def shapes_data(n: int, *, seed: int, image_size: int, mel: MelConfig) -> ShapesData:
-    """n ShapesWorld triplets over every concept, audio as long as the mel config's clip."""
+    """n ShapesWorld triplets over every concept, audio as ShapesWorld renders it (`DURATION_S`, as
+    every source and held-out scene has it; the codec's front end pads it to the mel config's clip),
+    so that the codecs learn the data they will encode."""
     scenes = sample_scenes(sample_concepts(n, seed=seed, pairs=all_concepts()), seed=seed)
     return ShapesData(
         images=render_images(scenes, size=image_size),
         captions=render_captions(scenes),
-        waves=render_audio(scenes, sample_rate=mel.sample_rate, duration_s=mel.duration_s),
+        waves=render_audio(scenes, sample_rate=mel.sample_rate),
         concepts=[s.concept for s in scenes],
     )
 
