@@ -151,7 +151,7 @@ def _digest(table: pa.Table) -> dict[str, tuple]:
 
 
 def test_killed_run_resumes_without_loss_or_duplication(tmp_path, ray_cluster, capsys):
-    """SIGKILL the job once its first parts land; the rerun completes it, each row written once
+    """SIGKILL the job once its first parts land; the rerun completes it, each row there once
     and with the bytes an uninterrupted generation gives."""
     records = make_records(96, seed=6)
     rows = [{"key": f"s/{i:04d}", "source": "s", "image": r["image"] if i % 3 else None,
@@ -179,7 +179,9 @@ def test_killed_run_resumes_without_loss_or_duplication(tmp_path, ray_cluster, c
     manifest = run(SynthesizeConfig.model_validate(config))
     assert "resuming" in capsys.readouterr().out
     assert manifest["counts"]["s"]["input"] == 96 == manifest["counts"]["s"]["kept"]
-    assert manifest["duplicate_rows_dropped"] == 0 and len(manifest["outputs"]["triplets"]) > parts_before
+    # a write task Ray ran twice before the kill leaves a second copy of its rows: the rerun drops it
+    # (`duplicate_rows_dropped`), and below every key is there once
+    assert len(manifest["outputs"]["triplets"]) > parts_before
     table = _triplets(manifest)
     assert sorted(table.column("key").to_pylist()) == [r["key"] for r in rows]
 
