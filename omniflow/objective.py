@@ -9,13 +9,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from omniflow.flow import TimestepScheme, interpolate, sample_timesteps, shift_timesteps, velocity_target
 from omniflow.modality import MODALITIES, Modality
 from omniflow.tasks import Role, Task
 from omniflow.transformer import PREDICTION, OmniFlowTransformer
 from omniflow.wrappers import unwrap
+
+
+SD3_SHIFT = 3.0
 
 
 class TimestepSampling(BaseModel):
@@ -26,7 +29,17 @@ class TimestepSampling(BaseModel):
     mean: float = 0.0
     std: float = Field(1.0, gt=0)
     mode_scale: float = 1.29
-    shift: dict[Modality, float] = Field(default_factory=lambda: {m: 3.0 for m in MODALITIES})
+    shift: dict[Modality, float] = Field(
+        default_factory=lambda: dict.fromkeys(MODALITIES, SD3_SHIFT),
+        description=f"per modality; a modality not named keeps SD3's {SD3_SHIFT:g}",
+    )
+
+    @field_validator("shift")
+    @classmethod
+    def _every_modality(cls, shift: dict[Modality, float]) -> dict[Modality, float]:
+        if bad := {str(m): s for m, s in shift.items() if s <= 0}:
+            raise ValueError(f"shift must be positive, got {bad}")
+        return {m: shift.get(m, SD3_SHIFT) for m in MODALITIES}
 
 
 class TrainingRules(BaseModel):
@@ -106,7 +119,7 @@ def plan_batch(
             generator=generator,
             device=device,
         )
-        drawn = shift_timesteps(drawn, sampling.shift.get(m, 1.0))
+        drawn = shift_timesteps(drawn, sampling.shift[m])
         if fixed_time is not None:
             drawn = torch.full_like(drawn, fixed_time)
         noised = is_condition & (uniform() < rules.noised_condition_p)

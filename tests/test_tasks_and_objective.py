@@ -192,3 +192,10 @@ def test_grouped_batches_recut_a_mix_into_full_batches_of_one_group():
         assert torch.equal(batch.pooled["text"], next(iter(batch.latents.values())))
     seen = torch.cat([next(iter(b.latents.values())).flatten() for b in popped]).tolist()
     assert len(seen) == len(set(seen)) == pushed - groups.waiting()
+
+
+def test_a_shift_set_for_one_modality_leaves_the_others_at_sd3s():
+    objective = FlowObjective.model_validate({"timesteps": {"shift": {"audio": 1}}})
+    assert objective.timesteps.shift == {Modality.IMAGE: 3.0, Modality.TEXT: 3.0, Modality.AUDIO: 1.0}
+    with pytest.raises(ValueError, match="positive"):
+        FlowObjective.model_validate({"timesteps": {"shift": {"audio": 0}}})
