@@ -197,5 +197,5 @@ def test_grouped_batches_recut_a_mix_into_full_batches_of_one_group():
 def test_a_shift_set_for_one_modality_leaves_the_others_at_sd3s():
     objective = FlowObjective.model_validate({"timesteps": {"shift": {"audio": 1}}})
     assert objective.timesteps.shift == {Modality.IMAGE: 3.0, Modality.TEXT: 3.0, Modality.AUDIO: 1.0}
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="greater than 0"):
         FlowObjective.model_validate({"timesteps": {"shift": {"audio": 0}}})
