@@ -160,7 +160,9 @@ class Demo:
         start = time.perf_counter()
         self.progress.phase(f"toy models (built once into {c.toy})")
         t0 = time.perf_counter()
-        self._toy_models()
+        from omniflow.toy.models import build_toy_models
+
+        build_toy_models(c.toy, workers=c.ray.num_cpus or os.cpu_count() or 1)
         self.upstream = toy_fingerprint(Path(c.toy))
         self.timings["toy models"] = round(time.perf_counter() - t0, 1)
         init_ray(c.ray.num_cpus)
@@ -250,29 +252,6 @@ class Demo:
                 val = f", val {r['val/loss']:.4f}" if "val/loss" in r else ""
                 self.progress.log(f"  step {r['step']}: loss {r['loss']:.4f}{val}, {r['samples_per_s']:.0f} samples/s")
                 seen += 1
-
-    def _toy_models(self) -> None:
-        """Build the toy CLIP and the three toy codecs side by side, one process per core, or
-        reuse them when built."""
-        from omniflow.toy.clip import MANIFEST as CLIP_MANIFEST
-        from omniflow.toy.clip import ToyClipConfig, build_toy_clip
-        from omniflow.toy.codecs import MANIFEST as CODECS_MANIFEST
-        from omniflow.toy.codecs import ToyCodecsConfig, build_toy_codecs
-        from omniflow.toy.cache import is_built
-        from omniflow.toy.pool import build_pool
-
-        clip, codecs = Path(self.config.toy) / "clip", Path(self.config.toy) / "codecs"
-        built = (is_built(clip, CLIP_MANIFEST, ToyClipConfig().digest())
-                 and is_built(codecs, CODECS_MANIFEST, ToyCodecsConfig().digest()))
-        workers = min(4, self.config.ray.num_cpus or os.cpu_count() or 1)  # four models to build
-        if built or workers == 1:
-            build_toy_clip(clip)
-            build_toy_codecs(codecs)
-            return
-        with build_pool(workers) as pool:
-            clip_done = pool.submit(build_toy_clip, clip)
-            build_toy_codecs(codecs, pool=pool)
-            clip_done.result()
 
     def _serve_and_query(self, model_dir: str) -> dict:
         """Deploy the service on the local cluster, ask every task over HTTP, save the answers."""
