@@ -1,7 +1,7 @@
 """The model learns: a short ShapesWorld training run with fixed seeds must reach skills far above
 chance (audio to text, colour and shape), so that a change that breaks learning (the objective, the
 sampler, the codecs, the pooled conditioning, the model) fails here rather than in the next demo.
-About a minute and a half on 2 CPU cores."""
+Under two minutes on 2 CPU cores."""
 
 import pytest
 import torch
