@@ -1,6 +1,6 @@
 # Two entry points do all set-up on a fresh machine:
 #   make demo   create .venv, install, run the embedded default end to end
-#   make test   create .venv, install, run the test suite
+#   make test   create .venv, install, lint (ruff), run the test suite
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(PY) -m jobs.demo --out runs/demo
+	HF_HUB_OFFLINE=1 $(PY) -m shapesworld.demo --out runs/demo
 
 test: setup
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 clean:

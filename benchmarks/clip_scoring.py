@@ -27,9 +27,9 @@ import torch
 from omniflow.codecs.media import decode_image, encode_image
 from omniflow.scoring.aesthetic import load_aesthetic_head
 from omniflow.scoring.clip import ClipConfig, load_clip
-from omniflow.shapesworld import all_concepts, render_captions, render_images, sample_concepts, sample_scenes
-from omniflow.toy.clip import build_toy_clip, toy_scoring_configs
 from pipelines.scorers import ClipScoringConfig, add_clip_scoring, resolve_device
+from shapesworld import all_concepts, render_captions, render_images, sample_concepts, sample_scenes
+from shapesworld.toy.clip import build_toy_clip, toy_scoring_configs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

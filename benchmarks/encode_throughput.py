@@ -27,13 +27,14 @@ import ray
 import torch
 
 from jobs.encode import EncodeConfig, run
+from omniflow import storage as st
 from omniflow.modality import Modality
-from omniflow.shapesworld import make_records
-from omniflow.toy.codecs import build_toy_codecs
-from pipelines import storage as st
 from pipelines.encode import load_encoders
+from pipelines.manifest import adopt_parts
 from pipelines.resources import resolve_device
 from pipelines.schema import CURATED_SAMPLE, SCHEMA_VERSION, conform
+from shapesworld import make_records
+from shapesworld.toy.codecs import build_toy_codecs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,13 +73,12 @@ def write_input(root: str, records: list[dict], parts: int) -> None:
         path = st.join(root, "curated", f"part-{p:05d}.parquet")
         st.write_parquet_atomic(conform(pa.Table.from_pylist(chunk), CURATED_SAMPLE), path, st.StorageConfig())
         paths.append(path)
-    manifest = {"job": "curate", "outputs": {"curated": paths}}
-    st.write_bytes_atomic(st.join(root, "manifest.json"), json.dumps(manifest).encode(), st.StorageConfig())
+    adopt_parts(root, paths, st.StorageConfig())
 
 
 def job_config(args: argparse.Namespace, input_dir: str, output: str) -> EncodeConfig:
     return EncodeConfig.model_validate({
-        "input": input_dir, "output": output, "toy_codecs": str(args.toy_dir), "dtype": args.dtype,
+        "input": input_dir, "output": output, "codec_sets": [str(args.toy_dir)], "dtype": args.dtype,
         "rows_per_shard": max(args.batch_size, 1024),
         "decode": {"batch_size": args.batch_size, "concurrency": args.decode_actors, "num_cpus": args.decode_cpus,
                    "device": "cpu"},

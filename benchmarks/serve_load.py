@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from omniflow.shapesworld import make_records
 from omniflow.tasks import BUILTIN_TASKS
 from serve.client import Client, ServiceError
+from shapesworld import make_records
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def toy_model_dir(root: Path) -> Path:
 
     from omniflow.model_dir import save_model_dir
     from omniflow.presets import build_transformer
-    from omniflow.toy.codecs import build_toy_codecs, toy_codec_configs
+    from shapesworld.toy.codecs import build_toy_codecs, toy_codec_configs
 
     codecs_dir = Path("runs/toy/codecs")
     build_toy_codecs(codecs_dir)  # cached: returns at once when built
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from ray import serve
 
-    from jobs.common import init_ray
+    from pipelines.runtime import init_ray
     from serve.app import build_app
 
     model = Path(args.model) if args.model else toy_model_dir(args.out.parent)

@@ -2,8 +2,8 @@
 
 Each arm trains a fresh transformer in this process (no Ray: `omniflow.training.train_step` on
 latents held in memory) and measures, every `--eval-every` steps, the any-to-any quality of the
-tasks it trains on held-out scenes (`omniflow.shapesworld.quality.evaluate`: the demo's measure,
-with fewer samples). Arms differ by `key=value` settings of `LearningConfig` (`omniflow.toy.learning.LearningConfig`: tasks and their mix, model
+tasks it trains on held-out scenes (`shapesworld.quality.evaluate`: the demo's measure,
+with fewer samples). Arms differ by `key=value` settings of `LearningConfig` (`shapesworld.toy.learning.LearningConfig`: tasks and their mix, model
 overrides, objective, optimiser, grouped batches, pooled conditioning vectors, held-out concepts,
 sampling), so one run compares them at equal steps and seconds.
 
@@ -32,20 +32,20 @@ from pathlib import Path
 
 import torch
 
-from jobs.common import load_config
 from omniflow.codecs import build_codec
+from omniflow.config import load_config
 from omniflow.flow import interpolate
 from omniflow.modality import Modality
-from omniflow.shapesworld import COLOURS, SHAPES, concept_accuracy, read_caption
-from omniflow.shapesworld.quality import EVAL_TASKS
-from omniflow.toy.clip import ToyClipConfig, build_toy_clip, toy_pooled_configs
-from omniflow.toy.codecs import (
+from shapesworld import COLOURS, SHAPES, concept_accuracy, read_caption
+from shapesworld.quality import EVAL_TASKS
+from shapesworld.toy.clip import ToyClipConfig, build_toy_clip, toy_pooled_configs
+from shapesworld.toy.codecs import (
     ToyCodecsConfig,
     build_toy_codecs,
     load_toy_codecs,
     toy_codec_configs,
 )
-from omniflow.toy.learning import LearningConfig, encode_scenes, sampling_sweep, train
+from shapesworld.toy.learning import LearningConfig, encode_scenes, sampling_sweep, train
 
 
 def cached_scenes(codecs: dict, codecs_dir: Path, n: int, seed: int, cache: Path, pooled: dict | None = None,

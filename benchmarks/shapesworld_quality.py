@@ -5,7 +5,7 @@
 
 Per task (t2i, i2t, t2a, a2t, i2a, a2i, at2i): the share of generated outputs whose concept the
 ShapesWorld checkers read back, on held-out scenes with fresh sampling seeds, with colour and shape
-accuracy separately and the share of unreadable outputs (`omniflow.shapesworld.quality`).
+accuracy separately and the share of unreadable outputs (`shapesworld.quality`).
 """
 
 import argparse
@@ -14,7 +14,7 @@ import platform
 from pathlib import Path
 
 from omniflow.inference import AnyToAny
-from omniflow.shapesworld.quality import EVAL_TASKS, QualityConfig, evaluate
+from shapesworld.quality import EVAL_TASKS, QualityConfig, evaluate
 
 
 def main(argv: list[str] | None = None) -> dict:

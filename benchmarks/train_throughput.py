@@ -28,9 +28,9 @@ from jobs.train import run
 from jobs.train_config import TrainConfig
 from omniflow.objective import FlowObjective
 from omniflow.presets import build_transformer, get_preset, model_cost
+from omniflow.storage import StorageConfig
 from omniflow.training import OptimConfig, build_optimizer, build_scheduler, train_step
 from pipelines.mixing import MixedBatches, Stream, to_batch
-from pipelines.storage import StorageConfig
 from pipelines.synthetic_latents import write_latent_dataset
 from pipelines.writer import read_parts
 

@@ -3,8 +3,8 @@
     python -m jobs.curate --config configs/curate_shapesworld.yaml [key=value ...]
     ray job submit --working-dir . -- python -m jobs.curate --config FILE.yaml output=s3://bucket/run
 
-One pipeline over every configured source: read shards (Parquet, WebDataset tars, folders,
-ShapesWorld; local or s3://) -> decode on CPU (bad input becomes a rejects row with its reason) ->
+One pipeline over every configured source: read shards (Parquet, WebDataset tars, folders, or a
+type an installed package adds, as the toy domain adds `shapesworld`; local or s3://) -> decode on CPU (bad input becomes a rejects row with its reason) ->
 CLIP image-text and aesthetic scores, CLAP audio-text scores (actor pools) -> scored parts, each
 committed whole. Then, from the scores: per-source filters, exact-duplicate removal, per-source
 sampling weights, curated Parquet shards, rejects Parquet, a PNG per score and `manifest.json`,
@@ -27,25 +27,39 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs.common import (
-    Progress,
-    RayConfig,
-    config_hash,
-    dumps,
-    init_ray,
-    job_main,
-    package_versions,
-)
-from pipelines import storage as st
+from jobs.common import Progress, job_main
+from omniflow import storage as st
 from pipelines.curated import KeepKept
 from pipelines.decode import Decode, DecodeConfig
 from pipelines.filters import SCORES, FilterConfig, decide
+from pipelines.manifest import CurateManifest, write_manifest
 from pipelines.plots import score_histogram
-from pipelines.schema import CURATED_SAMPLE, DROPPED_SAMPLE, KEPT, SCHEMA_VERSION, SCORED_SAMPLE, conform
-from pipelines.scorers import ClapPreprocess, ClapScorer, ClapScoringConfig, ClipPreprocess, ClipScorer, ClipScoringConfig
+from pipelines.runtime import RayConfig, init_ray
+from pipelines.schema import (
+    CURATED_SAMPLE,
+    DROPPED_SAMPLE,
+    KEPT,
+    SCHEMA_VERSION,
+    SCORED_SAMPLE,
+    conform,
+)
+from pipelines.scorers import (
+    ClapPreprocess,
+    ClapScorer,
+    ClapScoringConfig,
+    ClipPreprocess,
+    ClipScorer,
+    ClipScoringConfig,
+)
 from pipelines.sources import SourceConfig, list_shards, read_sources
 from pipelines.weighting import WeightingConfig, source_weights
-from pipelines.writer import AtomicParquetSink, committed_keys, committed_parts, deduplicate_parts, read_parts
+from pipelines.writer import (
+    AtomicParquetSink,
+    committed_keys,
+    committed_parts,
+    deduplicate_parts,
+    read_parts,
+)
 
 SMALL_COLUMNS = [
     "key", "source", "sample_id", "caption", "image_width", "image_height", "audio_seconds", "content_hash",
@@ -179,7 +193,7 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
     if parts:
         ray.data.from_items([{"path": p} for p in parts]).map_batches(
             KeepKept, fn_constructor_kwargs={"kept": kept_keys, "weights": weights, "storage": storage},
-            batch_size=1, concurrency=1, batch_format="numpy",
+            batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy",
         ).write_datasink(AtomicParquetSink(curated_dir, CURATED_SAMPLE, storage))
     dropped = table.filter(pa.array(~kept_mask)).append_column(
         "schema_version", pa.array([SCHEMA_VERSION] * int((~kept_mask).sum()), pa.int16())
@@ -210,34 +224,7 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
             "rejects": rejects_path,
             "plots": plots,
         },
-        "_decisions": table,
     }
-
-
-def shapesworld_semantics(config: CurateConfig, decisions: pa.Table) -> dict:
-    """For ShapesWorld sources: share of planted mismatched captions removed, of clean pairs kept."""
-    from omniflow.shapesworld import make_records
-
-    out = {}
-    for spec in config.sources:
-        src = spec.source
-        if getattr(src, "type", None) != "shapesworld":
-            continue
-        truth = {r["id"]: r["defect"] for r in make_records(src.samples, seed=src.seed, defect_rate=src.defect_rate)}
-        kept_by_id = {}
-        for row in decisions.filter(pc.equal(decisions.column("source"), src.name)).to_pylist():
-            kept_by_id[row["sample_id"]] = row["status"] == KEPT
-        clean = [kept_by_id[i] for i, d in truth.items() if d is None and i in kept_by_id]
-        mismatched = [not kept_by_id[i] for i, d in truth.items() if d == "mismatched_caption" and i in kept_by_id]
-        defects = [not kept_by_id[i] for i, d in truth.items() if d is not None and i in kept_by_id]
-        out[src.name] = {
-            "clean_kept": round(float(np.mean(clean)), 4) if clean else None,
-            "mismatched_removed": round(float(np.mean(mismatched)), 4) if mismatched else None,
-            "defects_removed": round(float(np.mean(defects)), 4) if defects else None,
-            "clean": len(clean),
-            "mismatched": len(mismatched),
-        }
-    return out
 
 
 def run(config: CurateConfig) -> dict:
@@ -251,27 +238,13 @@ def run(config: CurateConfig) -> dict:
     score_stage(config, progress)
     progress.phase("filtering and weighting")
     body = finalize(config, progress)
-    decisions = body.pop("_decisions")
-    semantics = shapesworld_semantics(config, decisions)
-    manifest = {
-        "job": "curate",
-        "schema_version": SCHEMA_VERSION,
-        "config": config.model_dump(mode="json"),
-        "config_hash": config_hash(config),
-        "inputs": inputs,
-        **body,
-        "semantics": semantics,
-        "timings": progress.done(),
-        "versions": package_versions(),
-    }
-    st.write_bytes_atomic(st.join(config.output, "manifest.json"), dumps(manifest), storage)
-    for name, c in manifest["counts"].items():
-        progress.log(f"{name}: {c['input']} in = {c['kept']} kept + {c['filtered']} filtered + {c['rejected']} rejected, "
-                     f"weight {manifest['source_weights'][name]:.3f}")
-    if semantics:
-        progress.log(f"ShapesWorld semantics: {semantics}")
-    _remove_stale_runs(config, body["run_id"])
-    return manifest
+    manifest = CurateManifest.of(config, progress.done(), inputs=inputs, **body)
+    for name, c in manifest.counts.items():
+        progress.log(f"{name}: {c.input} in = {c.kept} kept + {c.filtered} filtered + {c.rejected} rejected, "
+                     f"weight {manifest.source_weights[name]:.3f}")
+    written = write_manifest(config.output, manifest, storage)
+    _remove_stale_runs(config, manifest.run_id)
+    return written
 
 
 def _remove_stale_runs(config: CurateConfig, run_id: str) -> None:

@@ -16,7 +16,6 @@ Output layout under `output`:
     manifest.json            config and hash, input, counts, latent shapes and dtype, codecs, timings
 """
 
-import json
 import sys
 from typing import Any
 
@@ -26,19 +25,26 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from jobs.common import (
-    Progress,
-    RayConfig,
-    config_hash,
-    dumps,
-    init_ray,
-    job_main,
-    package_versions,
+from jobs.common import Progress, job_main
+from omniflow import storage as st
+from omniflow.codecs import read_codec_set
+from pipelines.encode import (
+    EncodingConfig,
+    LatentEncoder,
+    LatentPreprocess,
+    LatentSink,
+    read_encode_inputs,
 )
-from pipelines import storage as st
-from pipelines.encode import EncodingConfig, LatentEncoder, LatentPreprocess, LatentSink, read_encode_inputs
 from pipelines.latents import LatentLayout, latent_layout
-from pipelines.schema import LATENT_MODALITIES, LATENT_STORAGE, SCHEMA_VERSION
+from pipelines.manifest import (
+    EncodeCounts,
+    EncodeManifest,
+    manifest_path,
+    read_upstream,
+    write_manifest,
+)
+from pipelines.runtime import RayConfig, init_ray
+from pipelines.schema import LATENT_MODALITIES, LATENT_STORAGE
 from pipelines.writer import committed_parts, deduplicate_parts, read_parts
 
 INPUT_JOBS = {"curate": "curated", "synthesize": "triplets"}  # input job -> its outputs entry
@@ -50,35 +56,33 @@ class EncodeConfig(EncodingConfig):
     input: str = Field(description="output directory of a curate or synthesize job (local or s3://)")
     output: str
     storage: st.StorageConfig = Field(default_factory=st.StorageConfig)
-    toy_codecs: str | None = Field(None, description="a `build-codecs` directory whose codecs.json sets `codecs`")
-    toy_pooled: str | None = Field(
-        None, description="a `build-clip` directory whose toy CLIP sets `pooled.image` and `pooled.text`, "
-                          "its audio tower `pooled.audio`")
+    codec_sets: list[str] = Field(
+        default_factory=list,
+        description="codec set directories (`omniflow.codecs.read_codec_set`: a codecs.json listing codecs "
+                    "and pooled encoders) whose entries set `codecs` and `pooled`")
     rows_per_shard: int = Field(1024, gt=0, description="rows per latent part (about; see AtomicParquetSink)")
     io_num_cpus: float = Field(0.5, gt=0, description="CPUs per read or write task")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="before")
     @classmethod
-    def _toy_models(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        from omniflow.toy.clip import toy_pooled_configs
-        from omniflow.toy.codecs import toy_codec_configs
-
-        for field, target, configs in (("toy_codecs", "codecs", toy_codec_configs),
-                                       ("toy_pooled", "pooled", toy_pooled_configs)):
-            # Not a string: left to the field's own check, which names it.
-            if not (data.get(field) and isinstance(data[field], str)):
-                continue
+    def _codec_sets(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("codec_sets"), list):
+            return data  # absent, or left to the field's own check, which names it
+        data = dict(data)
+        for root in data["codec_sets"]:
             try:
-                resolved = configs(data[field])
-            except (OSError, ValueError, KeyError) as err:
-                raise ValueError(f"{field}: {data[field]} is not a toy build ({err})") from None
-            # a dumped config (a manifest's) holds both, the same: that one validates again
-            if data.get(target) and data[target] != resolved:
-                raise ValueError(f"set either {target} or {field}, not both")
-            data = {**data, target: resolved}
+                listed = read_codec_set(root)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"codec_sets: {root!r} is not a codec set ({err})") from None
+            for part, configs in listed.items():
+                merged = dict(data.get(part) or {})
+                for modality, config in configs.items():
+                    # a dumped config (a manifest's) holds both, the same: that one validates again
+                    if merged.get(modality, config) != config:
+                        raise ValueError(f"{part}.{modality} is set both here and by codec set {root!r}: keep one")
+                    merged[modality] = config
+                data[part] = merged
         return data
 
     def encoding(self) -> EncodingConfig:
@@ -87,17 +91,8 @@ class EncodeConfig(EncodingConfig):
 
 def input_parts(config: EncodeConfig) -> tuple[str, dict]:
     """(input manifest path, its job and part paths)."""
-    path = st.join(config.input, "manifest.json")
-    if not st.exists(path, config.storage):
-        raise ValueError(f"input {config.input!r} has no manifest.json: point input at a curate or synthesize output")
-    manifest = json.loads(st.read_bytes(path, config.storage))
-    job = manifest.get("job")
-    if job not in INPUT_JOBS:
-        raise ValueError(f"{path} is from job {job!r}; encode reads the output of {sorted(INPUT_JOBS)}")
-    parts = manifest.get("outputs", {}).get(INPUT_JOBS[job])
-    if not isinstance(parts, list):
-        raise ValueError(f"{path} has no outputs.{INPUT_JOBS[job]} list of parts")
-    return path, {"job": job, "parts": parts}
+    upstream = read_upstream(config.input, config.storage, job=tuple(INPUT_JOBS))
+    return manifest_path(config.input), {"job": upstream.job, "parts": getattr(upstream.outputs, INPUT_JOBS[upstream.job])}
 
 
 def _check_resumable(config: EncodeConfig, encoding: EncodingConfig, input_keys: set[str]) -> set[str]:
@@ -132,7 +127,7 @@ def output_layout(parts: list[str], encoding: EncodingConfig, storage: st.Storag
         return latent_layout(pq.read_schema(f))
 
 
-def _counts(config: EncodeConfig, inputs: pa.Table) -> dict[str, dict]:
+def _counts(config: EncodeConfig, inputs: pa.Table) -> dict[str, EncodeCounts]:
     """Per source: input = encoded + rejected, rejects by stage, encoded rows per modality."""
     storage = config.storage
     has = [f"has_{m}" for m in LATENT_MODALITIES]
@@ -143,18 +138,14 @@ def _counts(config: EncodeConfig, inputs: pa.Table) -> dict[str, dict]:
         mine = latents.filter(pc.equal(latents.column("source"), source)) if latents is not None else None
         bad = rejects.filter(pc.equal(rejects.column("source"), source)) if rejects is not None else None
         stages = bad.group_by("stage").aggregate([("source", "count")]).to_pylist() if bad is not None else []
-        counts[source] = {
-            "input": int(pc.sum(pc.equal(inputs.column("source"), source)).as_py()),
-            "encoded": mine.num_rows if mine is not None else 0,
-            "rejected": bad.num_rows if bad is not None else 0,
-            "by_stage": {f"rejected/{r['stage']}": r["source_count"] for r in stages},
-            "encoded_with": {m: int(pc.sum(mine.column(f"has_{m}")).as_py() or 0) if mine is not None else 0
-                     for m in LATENT_MODALITIES},
-        }
-        c = counts[source]
-        if c["input"] != c["encoded"] + c["rejected"]:
-            raise RuntimeError(f"source {source}: {c['input']} input rows but {c['encoded']} encoded "
-                               f"+ {c['rejected']} rejected")
+        counts[source] = EncodeCounts(
+            input=int(pc.sum(pc.equal(inputs.column("source"), source)).as_py()),
+            encoded=mine.num_rows if mine is not None else 0,
+            rejected=bad.num_rows if bad is not None else 0,
+            by_stage={f"rejected/{r['stage']}": r["source_count"] for r in stages},
+            encoded_with={m: int(pc.sum(mine.column(f"has_{m}")).as_py() or 0) if mine is not None else 0
+                          for m in LATENT_MODALITIES},
+        )
     return counts
 
 
@@ -164,7 +155,7 @@ def run(config: EncodeConfig) -> dict:
     progress.phase("reading the input's keys")
     init_ray(config.ray.num_cpus)
     storage, encoding = config.storage, config.encoding()
-    manifest_path, source_job = input_parts(config)
+    input_manifest, source_job = input_parts(config)
     # key and source of every input row, per part: for the skip set, the counts and which parts to read
     by_part = {p: read_parts([p], storage, columns=["key", "source"]) for p in source_job["parts"]}
     inputs = pa.concat_tables(list(by_part.values())) if by_part else pa.table(
@@ -198,40 +189,31 @@ def run(config: EncodeConfig) -> dict:
     new_rows = inputs.num_rows - len(done)
     latent_parts = committed_parts(st.join(config.output, "latents"), storage)
     layout = output_layout(latent_parts, encoding, storage)
-    manifest = {
-        "job": "encode",
-        "schema_version": SCHEMA_VERSION,
-        "config": config.model_dump(mode="json"),
-        "config_hash": config_hash(config),
-        "input": {"path": config.input, "manifest": manifest_path, "job": source_job["job"], "parts": source_job["parts"]},
-        "counts": counts,
-        "resumed_rows": len(done),
-        "input_duplicate_keys": input_duplicates,
-        "duplicate_rows_dropped": duplicates.rows,
-        "modalities": {
+    manifest = EncodeManifest.of(
+        config, timings,
+        input={"path": config.input, "manifest": input_manifest, "job": source_job["job"], "parts": source_job["parts"]},
+        counts=counts,
+        resumed_rows=len(done),
+        input_duplicate_keys=input_duplicates,
+        duplicate_rows_dropped=duplicates.rows,
+        modalities={
             "encoded": [m.value for m in encoding.modalities],
             "left_out": [m for m in LATENT_MODALITIES if m not in {x.value for x in encoding.modalities}],
         },
-        "latents": {
+        latents={
             "dtype": layout.dtype,
             "storage_type": str(LATENT_STORAGE[layout.dtype]),
             "shapes": {name: list(shape) for name, shape in layout.shapes.items()},
             "codec_config_hash": layout.codec_hash,
         },
-        "codecs": {m.value: c for m, c in encoding.codecs.items()},
-        "pooled": {m.value: c for m, c in encoding.pooled.items()},
-        "outputs": {
-            "latents": latent_parts,
-            "rejects": committed_parts(st.join(config.output, "rejects"), storage),
-        },
-        "timings": timings,
-        "rows_per_s": round(new_rows / timings["encoding"], 2) if timings.get("encoding") else None,
-        "versions": package_versions(),
-    }
-    st.write_bytes_atomic(st.join(config.output, "manifest.json"), dumps(manifest), storage)
+        codecs={m.value: c for m, c in encoding.codecs.items()},
+        pooled={m.value: c for m, c in encoding.pooled.items()},
+        outputs={"latents": latent_parts, "rejects": committed_parts(st.join(config.output, "rejects"), storage)},
+        rows_per_s=round(new_rows / timings["encoding"], 2) if timings.get("encoding") else None,
+    )
     for name, c in counts.items():
-        progress.log(f"{name}: {c['input']} in = {c['encoded']} encoded + {c['rejected']} rejected {c['by_stage']}")
-    return manifest
+        progress.log(f"{name}: {c.input} in = {c.encoded} encoded + {c.rejected} rejected {c.by_stage}")
+    return write_manifest(config.output, manifest, storage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,12 +24,11 @@ from pathlib import Path
 
 from pydantic import Field
 
-from jobs.common import Progress, config_hash, dumps, job_main, package_versions
+from jobs.common import Progress, job_main
+from omniflow import storage as st
 from omniflow.merge import MERGE_FILE, MergeConfig, MergeError, merge_model_dirs
-from omniflow.model_dir import MODEL_INDEX, STATE_FILE
-from pipelines import storage as st
-
-MANIFEST = "manifest.json"
+from omniflow.model_dir import STATE_FILE, fetch_model_dir, publish_model_dir
+from pipelines.manifest import MergeManifest, manifest_path, write_manifest
 
 
 class MergeJobConfig(MergeConfig):
@@ -60,11 +59,9 @@ def run(config: MergeJobConfig) -> dict:
 
         def resolve(path: str) -> Path:
             if path not in staged:
-                if st.scheme(path) == "file":
-                    staged[path] = Path(path)
-                else:
+                if st.scheme(path) != "file":
                     progress.log(f"downloading {path}")
-                    staged[path] = Path(st.download_dir(path, Path(tmp) / "inputs" / str(len(staged)), storage))
+                staged[path] = fetch_model_dir(path, storage)
             return staged[path]
 
         progress.phase(f"merging ({config.recipe.method})")
@@ -76,25 +73,17 @@ def run(config: MergeJobConfig) -> dict:
         if remote_output:
             progress.phase(f"uploading to {config.output}")
             # The earlier manifest goes first, so that no reader takes a half-replaced model as whole.
-            st.remove(st.join(config.output, MANIFEST), storage)
-            st.remove(config.output, storage)
-            st.upload_dir(model_dir, config.output, storage, last=[MODEL_INDEX])
+            st.remove(manifest_path(config.output), storage)
+            publish_model_dir(model_dir, config.output, storage)
         inputs = [_describe_input(path, staged[path]) for path in config.recipe.inputs()]
 
     by_source = record.get("elements_by_source", {})
-    manifest = {
-        "job": "merge",
-        "config": config.model_dump(mode="json"),
-        "config_hash": config_hash(config),
-        "inputs": inputs,
-        "recipe": record,
+    manifest = write_manifest(config.output, MergeManifest.of(
+        config, progress.done(), inputs=inputs, recipe=record,
         # state-dict elements: the parameters and the fixed positional-embedding tables
-        "elements": {"total": record["elements"], **({"by_source": by_source} if by_source else {})},
-        "outputs": {"model_dir": config.output, "files": outputs},
-        "timings": progress.done(),
-        "versions": package_versions(),
-    }
-    st.write_bytes_atomic(st.join(config.output, MANIFEST), dumps(manifest), storage)
+        elements={"total": record["elements"], **({"by_source": by_source} if by_source else {})},
+        outputs={"model_dir": config.output, "files": outputs},
+    ), storage)
     progress.log(f"wrote {config.output}: {record['elements']:,} weights"
                  + (f", by source {by_source}" if by_source else ""))
     return manifest

@@ -19,32 +19,29 @@ Output layout under `output`:
     manifest.json             config and hash, input, counts per source, outputs, timings, versions
 """
 
-import json
 import re
 import sys
 from collections import Counter
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.common import (
-    ConfigError,
-    Progress,
-    RayConfig,
-    config_hash,
-    dumps,
-    init_ray,
-    job_main,
-    package_versions,
-)
-from pipelines import storage as st
-from pipelines.generators import MODALITIES, ORDER, GenerateStage
-from pipelines.generators.base import ModalityName
+from jobs.common import Progress, job_main
+from omniflow import storage as st
+from pipelines.generators.base import MODALITIES, ModalityName
 from pipelines.generators.config import GeneratorsConfig
 from pipelines.generators.parts import TripletSink, read_curated_part
-from pipelines.schema import DROPPED_SAMPLE, SCHEMA_VERSION, TRIPLET_SAMPLE
+from pipelines.generators.stage import ORDER, GenerateStage
+from pipelines.manifest import (
+    SynthesizeCounts,
+    SynthesizeManifest,
+    manifest_path,
+    read_upstream,
+    write_manifest,
+)
+from pipelines.runtime import RayConfig, init_ray
+from pipelines.schema import DROPPED_SAMPLE, TRIPLET_SAMPLE
 from pipelines.writer import committed_keys, committed_parts, deduplicate_parts, read_parts
 
 
@@ -88,16 +85,8 @@ class SynthesizeConfig(BaseModel):
 
 def curated_parts(config: SynthesizeConfig) -> tuple[str, list[str]]:
     """The input manifest's path and the curated part files it names."""
-    path = st.join(config.input, "manifest.json")
-    try:
-        manifest = json.loads(st.read_bytes(path, config.storage))
-    except FileNotFoundError:
-        raise ConfigError(f"input: no manifest.json in {config.input!r}; expected a curate job's output") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"input: {path} is not valid JSON: {err}") from None
-    if manifest.get("job") != "curate" or not isinstance(manifest.get("outputs", {}).get("curated"), list):
-        raise ConfigError(f"input: {path} is not a curate job's manifest (job={manifest.get('job')!r})")
-    return path, manifest["outputs"]["curated"]
+    upstream = read_upstream(config.input, config.storage, job="curate")
+    return manifest_path(config.input), upstream.outputs.curated
 
 
 # ---- the job -------------------------------------------------------------------------------
@@ -141,51 +130,17 @@ def synthesize_stage(config: SynthesizeConfig, parts: list[str], progress: Progr
     return dict(Counter(source_of.values()))
 
 
-def _counts(config: SynthesizeConfig, input_counts: dict[str, int], triplets: pa.Table, rejects: pa.Table) -> dict:
+def _counts(config: SynthesizeConfig, input_counts: dict[str, int], triplets: pa.Table,
+            rejects: pa.Table) -> dict[str, SynthesizeCounts]:
     counts = {}
     for source, n in sorted(input_counts.items()):
         mine = triplets.filter(pc.equal(triplets.column("source"), source))
         rejected = rejects.filter(pc.equal(rejects.column("source"), source))
-        counts[source] = {
-            "input": n,
-            "kept": mine.num_rows,
-            "rejected": rejected.num_rows,
-            "generated": {m: int(pc.sum(mine.column(f"{m}_synthetic")).as_py() or 0) for m in MODALITIES},
-        }
-        if counts[source]["input"] != counts[source]["kept"] + counts[source]["rejected"]:
-            raise RuntimeError(f"source {source!r}: {counts[source]} do not add up; is the input still being written?")
+        counts[source] = SynthesizeCounts(
+            input=n, kept=mine.num_rows, rejected=rejected.num_rows,
+            generated={m: int(pc.sum(mine.column(f"{m}_synthetic")).as_py() or 0) for m in MODALITIES},
+        )
     return counts
-
-
-def shapesworld_agreement(config: SynthesizeConfig, parts: list[str]) -> dict:
-    """For modalities the ShapesWorld renderer filled: the share of generated values whose concept
-    the checkers read back as the row's concept (the caption's for image and audio, the image's
-    for captions)."""
-    from omniflow.codecs.media import decode_audio, decode_image
-    from omniflow.shapesworld import read_audio, read_caption, read_image
-
-    rendered = [m for m in config.fill if getattr(config.generators, m).type == "shapesworld"]
-    if not rendered or not parts:
-        return {}
-    table = read_parts(parts, config.storage, columns=["image", "caption", "audio", *(f"{m}_synthetic" for m in rendered)])
-    out = {}
-    for modality in rendered:
-        rows = table.filter(table.column(f"{modality}_synthetic"))
-        if not rows.num_rows:
-            continue
-        if modality == "caption":
-            truth = read_image([np.asarray(decode_image(b)) for b in rows.column("image").to_pylist()]).concepts()
-            read = read_caption(rows.column("caption").to_pylist()).concepts()
-        else:
-            truth = read_caption(rows.column("caption").to_pylist()).concepts()
-            media = rows.column(modality).to_pylist()
-            if modality == "image":
-                read = read_image([np.asarray(decode_image(b)) for b in media]).concepts()
-            else:
-                read = read_audio([decode_audio(b)[0] for b in media]).concepts()
-        agree = [r is not None and r == t for r, t in zip(read, truth)]
-        out[modality] = {"generated": rows.num_rows, "agreement": round(float(np.mean(agree)), 4)}
-    return out
 
 
 def _reason_kind(reason: str) -> str:
@@ -197,9 +152,9 @@ def run(config: SynthesizeConfig) -> dict:
     """Run the whole synthesis and return the manifest (also written to `output/manifest.json`)."""
     progress = Progress("synthesize")
     storage = config.storage
-    manifest_path, parts = curated_parts(config)
+    input_manifest, parts = curated_parts(config)
     init_ray(config.ray.num_cpus)
-    progress.log(f"{len(parts)} curated parts from {manifest_path}; filling {config.fill}")
+    progress.log(f"{len(parts)} curated parts from {input_manifest}; filling {config.fill}")
     progress.phase("generating")
     input_counts = synthesize_stage(config, parts, progress)
     progress.phase("counting and checking")
@@ -214,28 +169,14 @@ def run(config: SynthesizeConfig) -> dict:
     triplets = triplets if triplets is not None else TRIPLET_SAMPLE.empty_table().select(["key", "source", *flags])
     rejects = rejects if rejects is not None else DROPPED_SAMPLE.empty_table().select(["key", "source", "reason"])
     counts = _counts(config, input_counts, triplets, rejects)
-    agreement = shapesworld_agreement(config, outputs["triplets"])
     reasons = Counter(_reason_kind(r) for r in rejects.column("reason").to_pylist())
-    manifest = {
-        "job": "synthesize",
-        "schema_version": SCHEMA_VERSION,
-        "config": config.model_dump(mode="json"),
-        "config_hash": config_hash(config),
-        "input": {"manifest": manifest_path, "curated": parts},
-        "counts": counts,
-        "reject_reasons": dict(reasons.most_common()),
-        "duplicate_rows_dropped": duplicates.rows,
-        "semantics": agreement,
-        "outputs": outputs,
-        "timings": progress.done(),
-        "versions": package_versions(),
-    }
-    st.write_bytes_atomic(st.join(config.output, "manifest.json"), dumps(manifest), storage)
+    manifest = SynthesizeManifest.of(
+        config, progress.done(), input={"manifest": input_manifest, "curated": parts}, counts=counts,
+        reject_reasons=dict(reasons.most_common()), duplicate_rows_dropped=duplicates.rows, outputs=outputs,
+    )
     for source, c in counts.items():
-        progress.log(f"{source}: {c['input']} in = {c['kept']} kept + {c['rejected']} rejected; generated {c['generated']}")
-    if agreement:
-        progress.log(f"ShapesWorld agreement of generated modalities: {agreement}")
-    return manifest
+        progress.log(f"{source}: {c.input} in = {c.kept} kept + {c.rejected} rejected; generated {c.generated}")
+    return write_manifest(config.output, manifest, storage)
 
 
 def main(argv: list[str] | None = None) -> int:

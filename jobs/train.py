@@ -34,43 +34,32 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
-from jobs.common import (
-    ConfigError,
-    Progress,
-    config_hash,
-    dumps,
-    init_ray,
-    job_main,
-    load_config,
-    package_versions,
-)
+from jobs.common import Progress, dumps, job_main
 from jobs.train_config import TrainConfig
 from jobs.train_logs import TENSORBOARD_DIR, metrics_path
+from omniflow import storage as st
+from omniflow.config import ConfigError, load_config
 from omniflow.modality import MODALITIES
-from pipelines import storage as st
+from pipelines.manifest import TrainManifest, read_upstream, write_manifest
 from pipelines.mixing import SYNTHETIC_FLAG, DatasetSpec, presence, stream_weights, task_choice
+from pipelines.runtime import init_ray
 from pipelines.schema import LATENT_MODALITIES, latent_column, pooled_column
 from pipelines.writer import read_parts
 
 if TYPE_CHECKING:
     import ray.data
 
-CONFIG_FILE, MANIFEST = "train_config.json", "manifest.json"
+CONFIG_FILE = "train_config.json"
 
 
 class LatentDataset:
     """What training needs to know about one dataset's latent shards, read on the driver."""
 
     def __init__(self, spec: DatasetSpec, storage: st.StorageConfig):
-        path = st.join(spec.path, MANIFEST)
-        if not st.exists(path, storage):
-            raise ValueError(f"dataset {spec.name!r}: {path} not found; point `path` at an encode job's output")
-        manifest = json.loads(st.read_bytes(path, storage))
-        if manifest.get("job") != "encode":
-            raise ValueError(f"dataset {spec.name!r}: {path} is a {manifest.get('job')!r} manifest, not an encode one")
+        manifest = read_upstream(spec.path, storage, job="encode", field=f"datasets[{spec.name}].path")
         self.spec, self.manifest = spec, manifest
-        self.parts = sorted(manifest["outputs"]["latents"])  # an order of their own, whatever wrote the manifest
-        shapes = manifest["latents"]["shapes"]
+        self.parts = sorted(manifest.outputs.latents)  # an order of their own, whatever wrote the manifest
+        shapes = manifest.latents.shapes
         self.latent_shapes = {m: tuple(shapes[latent_column(m)]) for m in LATENT_MODALITIES if latent_column(m) in shapes}
         self.parts_of: dict[str, list[str]] = {}  # source -> the parts holding its rows
         self.sources_in: dict[str, set[str]] = {}  # part -> the sources of its rows
@@ -225,7 +214,7 @@ def run(config: TrainConfig) -> dict:
             streams[name] = {"weight": weights[name], "tasks": d.spec.tasks, "synthetic": d.spec.synthetic}
     for name, meta in streams.items():
         progress.log(f"stream {name}: share {meta['weight']:.3f}, tasks {meta['tasks']}")
-    codecs = data[0].manifest.get("codecs", {})
+    codecs = data[0].manifest.codecs
     st.write_bytes_atomic(st.join(config.run_dir, CONFIG_FILE), dumps(config.model_dump(mode="json")), storage)
 
     metrics_log, tensorboard_dir = _log_paths(config)
@@ -236,7 +225,7 @@ def run(config: TrainConfig) -> dict:
         "validation_rows": validation_rows,
         "model_info": {"preset": config.model.preset, "latent_shapes": {m: list(s) for m, s in shapes.items()},
                        "absent": "skip" if config.objective.rules.skip_absent else "noise",
-                       "codecs": codecs, "pooled": data[0].manifest.get("pooled", {})},
+                       "codecs": codecs, "pooled": data[0].manifest.pooled},
         "tensorboard_dir": tensorboard_dir,
         "metrics_log": metrics_log,
     }
@@ -262,29 +251,24 @@ def run(config: TrainConfig) -> dict:
     progress.phase("exporting the final weights")
     model_dir = config.export.path or st.join(config.run_dir, "model")
     _export(result.checkpoint, model_dir, config, storage)
-    manifest = {
-        "job": "train",
-        "config": config.model_dump(mode="json"),
-        "config_hash": config_hash(config),
-        "datasets": {d.spec.name: {"path": d.spec.path, "rows": d.rows, "source_weights": d.source_weights}
-                     for d in data},
-        "stream_weights": {n: m["weight"] for n, m in streams.items()},
-        "final_metrics": result.metrics,
-        "checkpoint": result.checkpoint.path,
-        "model_dir": model_dir,
-        "metrics_log": metrics_log,
-        "tensorboard_dir": tensorboard_dir,
-        "train_seconds": round(train_seconds, 1),
-        "timings": progress.done(),
-        "versions": package_versions(),
-    }
-    st.write_bytes_atomic(st.join(config.run_dir, MANIFEST), dumps(manifest), storage)
+    manifest = write_manifest(config.run_dir, TrainManifest.of(
+        config, progress.done(),
+        datasets={d.spec.name: {"path": d.spec.path, "rows": d.rows, "source_weights": d.source_weights}
+                  for d in data},
+        stream_weights={n: m["weight"] for n, m in streams.items()},
+        final_metrics=json.loads(dumps(result.metrics)),  # JSON values only
+        checkpoint=result.checkpoint.path,
+        model_dir=model_dir,
+        metrics_log=metrics_log,
+        tensorboard_dir=tensorboard_dir,
+        train_seconds=round(train_seconds, 1),
+    ), storage)
     progress.log(f"done: final loss {result.metrics.get('loss', float('nan')):.4f}, model at {model_dir}")
     return manifest
 
 
 def _export(checkpoint, model_dir: str, config: TrainConfig, storage: st.StorageConfig) -> None:
-    from omniflow.model_dir import MODEL_INDEX, export_checkpoint, load_training_checkpoint
+    from omniflow.model_dir import export_checkpoint, load_training_checkpoint, publish_model_dir
 
     with checkpoint.as_directory() as directory:
         state = load_training_checkpoint(directory, optimizer=False)
@@ -298,8 +282,7 @@ def _export(checkpoint, model_dir: str, config: TrainConfig, storage: st.Storage
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"
         export_checkpoint(state, local, use_ema=use_ema, dtype=config.export.dtype)
-        st.remove(model_dir, storage)
-        st.upload_dir(local, model_dir, storage, last=[MODEL_INDEX])  # its presence marks a whole copy
+        publish_model_dir(local, model_dir, storage)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -4,13 +4,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs.common import RayConfig
+from omniflow import storage as st
 from omniflow.ema import EMAConfig
 from omniflow.objective import FlowObjective
 from omniflow.parallelize import ParallelConfig
 from omniflow.training import OptimConfig
-from pipelines import storage as st
 from pipelines.mixing import DatasetSpec
+from pipelines.runtime import RayConfig
 
 
 class ModelSpec(BaseModel):

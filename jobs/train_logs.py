@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 
-from pipelines import storage as st
+from omniflow import storage as st
 
 METRICS_FILE, TENSORBOARD_DIR = "metrics.jsonl", "tensorboard"
 

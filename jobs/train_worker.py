@@ -23,9 +23,11 @@ import torch.distributed as dist
 
 from jobs.train_config import ModelSpec, TrainConfig
 from jobs.train_logs import RunLogs
+from omniflow import storage as st
 from omniflow.ema import EMA
 from omniflow.model_dir import (
     checkpoint_weights,
+    fetch_model_dir,
     is_model_dir,
     is_training_checkpoint,
     load_model_dir,
@@ -52,7 +54,6 @@ from omniflow.training import (
     validation_loss,
 )
 from omniflow.wrappers import unwrap
-from pipelines import storage as st
 from pipelines.mixing import MixedBatches, Stream, presence, task_choice, to_batch
 
 # Peak dense bf16 TFLOP/s per device, for MFU when the config gives none.
@@ -69,9 +70,8 @@ def build_model(spec: ModelSpec, storage: st.StorageConfig, seed: int = 0) -> to
 
         return transformer_from_sd3(spec.init.removeprefix("sd3:"), **spec.overrides)
     if st.scheme(spec.init) != "file":
-        with tempfile.TemporaryDirectory(prefix="init-") as local:
-            st.download_dir(spec.init, local, storage)
-            return build_model(spec.model_copy(update={"init": local}), storage)
+        local = fetch_model_dir(spec.init, storage)
+        return build_model(spec.model_copy(update={"init": str(local)}), storage)
     if is_training_checkpoint(spec.init):
         state = load_training_checkpoint(spec.init, optimizer=False)
         return model_from_state_dict(state["model_config"], checkpoint_weights(state, use_ema=spec.init_ema))
@@ -100,6 +100,7 @@ class Meter:
     def reset(self) -> None:
         self.steps, self.samples, self.data_s, self.compute_s = 0, 0, 0.0, 0.0
         self.loss, self.modality, self.task = 0.0, defaultdict(list), defaultdict(list)
+        self.grad_norms: list[float] = []
         self.start = time.perf_counter()
 
     def add(self, out, data_s: float, compute_s: float) -> None:
@@ -108,6 +109,8 @@ class Meter:
         self.data_s += data_s
         self.compute_s += compute_s
         self.loss += out.loss
+        if out.grad_norm is not None:
+            self.grad_norms.append(out.grad_norm)
         for k, v in out.per_modality.items():
             self.modality[k].append(v)
         for k, v in out.per_task.items():
@@ -163,7 +166,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         load_full_state(model, optimizer, restored["model"], restored["optimizer"])
         if ema is not None and restored["ema"] is not None:
             ema.load_state_dict({k: shard_like(v, ema.shadow[k]) for k, v in restored["ema"].items()})
-        scheduler.last_epoch = start_step
+        if restored["scheduler"] is not None:  # its step count; the schedule and peak are this run's
+            scheduler.load_state_dict({k: v for k, v in restored["scheduler"].items() if k != "base_lrs"})
+        else:  # a checkpoint from before the scheduler's state was kept
+            scheduler.last_epoch = start_step
+        # this run's schedule at the step it resumes from (a continued run may have more steps)
         for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
             group["lr"] = lr
         del restored
@@ -242,7 +249,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 _say(_line(metrics))
                 logs.write(metrics, upload=save)  # before the checkpoint: a restart from it finds these lines
             if save:
-                _report_with_checkpoint(metrics, model, optimizer, ema, mix, step, model_config, loop_config, rank)
+                _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, mix, step, model_config,
+                                        loop_config, rank)
             else:
                 ray.train.report(metrics)
             meter.reset()  # after validation and checkpointing: samples/s measures training steps only
@@ -266,6 +274,8 @@ def _summary(meter: Meter, step: int, world: int, lr: float, flops_per_sample: i
         "tflops_per_s": flops_per_sample * samples_per_s / 1e12,
         "mfu": flops_per_sample * samples_per_s / (peak * world) if peak else None,
     }
+    if meter.grad_norms:  # before clipping, averaged over the steps since the last report
+        metrics["grad_norm"] = float(np.mean(meter.grad_norms))
     metrics.update({f"loss/{k}": float(np.mean(v)) for k, v in meter.modality.items()})
     metrics.update({f"task/{k}": float(np.mean(v)) for k, v in meter.task.items()})
     return metrics
@@ -281,6 +291,8 @@ def _line(metrics: dict) -> str:
     parts = [f"step {metrics['step']}", f"loss {metrics['loss']:.4f}"]
     parts += [f"{k.removeprefix('loss/')} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/")]
     parts += [f"{metrics['samples_per_s']:.1f} samples/s", f"data wait {100 * metrics['data_wait_share']:.1f}%"]
+    if metrics.get("grad_norm") is not None:
+        parts.append(f"grad norm {metrics['grad_norm']:.3f}")
     if metrics.get("mfu") is not None:
         parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
     if "val/loss" in metrics:
@@ -288,7 +300,8 @@ def _line(metrics: dict) -> str:
     return " | ".join(parts)
 
 
-def _report_with_checkpoint(metrics, model, optimizer, ema, mix, step, model_config, loop_config, rank) -> None:
+def _report_with_checkpoint(metrics, model, optimizer, scheduler, ema, mix, step, model_config, loop_config,
+                            rank) -> None:
     import ray.train
 
     # Collectives first, on every rank: whole states from shards, every rank's data position.
@@ -306,6 +319,6 @@ def _report_with_checkpoint(metrics, model, optimizer, ema, mix, step, model_con
         save_training_checkpoint(
             directory, model_state=model_state, model_config=model_config, step=step, ema_state=ema_state,
             optimizer_state=optimizer_state, data_position=positions, config=loop_config["config"],
-            model_info=loop_config["model_info"],
+            model_info=loop_config["model_info"], scheduler_state=scheduler.state_dict(),
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

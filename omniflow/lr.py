@@ -1,4 +1,13 @@
-"""Learning-rate schedule shared by every trainer in the project."""
+"""Learning-rate schedule shared by every trainer in the project.
+
+Why not transformers' `get_cosine_with_min_lr_schedule_with_warmup`: the same cosine, but its
+warm-up starts at 0 (step s gets s / warmup, so the first step does not move the weights), where
+this one gives (s + 1) / warmup. Measured on the toy image VAE (`shapesworld.toy.codecs`, default
+build, 200 held-out scenes, decode(encode(x)) read by the checkers): both colour and shape right
+on 1.000 with this schedule, 0.735 with transformers' (the one-step shift sends this short,
+high-learning-rate run elsewhere; `python benchmarks/lr_warmup.py`). Run as a `LambdaLR`, its state is a plain `state_dict`, which
+training checkpoints keep (`omniflow.model_dir.save_training_checkpoint`).
+"""
 
 import math
 

@@ -28,10 +28,14 @@ A training checkpoint is a directory with:
     optimizer.pt         optional: `optimizer.state_dict()` via torch.save; read with weights_only=True
     state.json           {"step": int, "data_position": any JSON, "config": the run's config,
                           "model_config": the transformer's config, "model_info": what an export
-                          writes as omniflow.json}; written last, so a directory without it is
-                          incomplete and is never read as a checkpoint
+                          writes as omniflow.json, "scheduler": the LR scheduler's state_dict};
+                          written last, so a directory without it is incomplete and is never
+                          read as a checkpoint
 
 Both are written into a hidden temp directory beside the target and moved into place whole.
+`publish_model_dir` copies a finished directory to a local path or a bucket the same way (on S3
+the index goes last, after everything it indexes), and `fetch_model_dir` gives a local directory
+for a local or s3:// one, downloaded once per machine.
 
     >>> from omniflow.presets import build_transformer
     >>> save_model_dir(build_transformer("tiny"), "models/tiny", extra={"preset": "tiny"})
@@ -49,8 +53,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from omniflow.wrappers import unwrap
+from omniflow import storage as st
 from omniflow.transformer import OmniFlowTransformer
+from omniflow.wrappers import unwrap
 
 INFO_FILE, MODEL_INDEX, TRANSFORMER = "omniflow.json", "model_index.json", "transformer"
 PIPELINE_CLASS = "OmniFlowPipeline"
@@ -93,6 +98,27 @@ def _write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None]) -> 
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def publish_model_dir(local: str | os.PathLike, dest: str, storage: st.StorageConfig | None = None) -> None:
+    """Copy the finished directory `local` (a model directory or a checkpoint) to `dest`, local or
+    s3://, replacing what was there. Locally the copy is swapped in whole; on S3 the old prefix is
+    removed first and `model_index.json` / `state.json` are written after every other file, so
+    that their presence marks a whole copy."""
+    storage = storage or st.StorageConfig()
+    if st.scheme(dest) == "file":
+        if Path(dest).absolute() != Path(local).absolute():
+            _write_dir_atomic(dest, lambda temp: shutil.copytree(local, temp, dirs_exist_ok=True))
+        return
+    st.remove(dest, storage)
+    st.upload_dir(local, dest, storage, last=[MODEL_INDEX, STATE_FILE])
+
+
+def fetch_model_dir(path: str | os.PathLike, storage: st.StorageConfig | None = None) -> Path:
+    """A local directory holding what `path` holds: `path` itself when local; for s3:// a copy
+    downloaded once per machine and content listing (`omniflow.storage.local_copy`), so that a
+    model published again to the same prefix is fetched again."""
+    return Path(st.local_copy(str(path), storage or st.StorageConfig()))
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -242,6 +268,7 @@ def save_training_checkpoint(
     data_position: Any = None,
     config: Mapping[str, Any] | None = None,
     model_info: Mapping[str, Any] | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a training checkpoint directory (format in the module docstring), replacing `path` whole.
 
@@ -258,7 +285,8 @@ def save_training_checkpoint(
         if optimizer_state is not None:
             torch.save(optimizer_state, temp / OPTIMIZER_FILE)
         state = {"step": step, "data_position": data_position, "config": dict(config or {}),
-                 "model_config": dict(model_config), "model_info": dict(model_info or {})}
+                 "model_config": dict(model_config), "model_info": dict(model_info or {}),
+                 "scheduler": dict(scheduler_state) if scheduler_state is not None else None}
         _write_json(temp / STATE_FILE, state)
 
     return _write_dir_atomic(path, fill)
@@ -273,7 +301,8 @@ def load_training_checkpoint(path: str | os.PathLike, *, optimizer: bool = True)
 
     Returns:
         {"model": state dict, "ema": state dict or None, "optimizer": state dict or None,
-         "step": int, "data_position": ..., "config": dict, "model_config": dict, "model_info": dict}
+         "step": int, "data_position": ..., "config": dict, "model_config": dict, "model_info": dict,
+         "scheduler": state dict or None (checkpoints written before it was kept have none)}
 
     Example:
         >>> ckpt = load_training_checkpoint("ckpt/step-100")
@@ -285,6 +314,7 @@ def load_training_checkpoint(path: str | os.PathLike, *, optimizer: bool = True)
     state = json.loads((path / STATE_FILE).read_text())
     has_ema, has_optimizer = (path / EMA_WEIGHTS).is_file(), (path / OPTIMIZER_FILE).is_file()
     return {
+        "scheduler": None,
         **state,
         "model": load_file(path / MODEL_WEIGHTS),
         "ema": load_file(path / EMA_WEIGHTS) if has_ema else None,

@@ -11,12 +11,17 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
 
-from omniflow.flow import TimestepScheme, interpolate, sample_timesteps, shift_timesteps, velocity_target
+from omniflow.flow import (
+    TimestepScheme,
+    interpolate,
+    sample_timesteps,
+    shift_timesteps,
+    velocity_target,
+)
 from omniflow.modality import MODALITIES, Modality
 from omniflow.tasks import Role, Task
 from omniflow.transformer import PREDICTION, OmniFlowTransformer
 from omniflow.wrappers import unwrap
-
 
 SD3_SHIFT = 3.0
 
@@ -101,7 +106,7 @@ def plan_batch(
     rules, sampling = objective.rules, objective.timesteps
     if fixed_time is not None:
         rules = TrainingRules(noised_condition_p=0, condition_drop_p=0, pooled_drop_p=0, skip_absent=rules.skip_absent)
-    uniform = lambda: torch.rand(batch, generator=generator, device=device)  # noqa: E731
+    uniform = lambda: torch.rand(batch, generator=generator, device=device)
     dropped: dict[Modality, torch.Tensor] = {}
     timesteps, loss_mask = {}, {}
     for m in MODALITIES:

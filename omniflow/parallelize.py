@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.utils.checkpoint import checkpoint
 
-from omniflow.wrappers import unwrap
 from omniflow.transformer import OmniFlowTransformer
+from omniflow.wrappers import unwrap
 
 
 class ParallelConfig(BaseModel):

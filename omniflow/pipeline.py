@@ -27,8 +27,8 @@ from diffusers.utils import BaseOutput
 
 from omniflow.codecs.media import decode_audio, encode_image
 from omniflow.inference import AnyToAny, InputPreparer, Prepared, SamplingParams
-from omniflow.model_dir import COMPONENT_GROUPS, save_model_dir
 from omniflow.modality import Modality
+from omniflow.model_dir import COMPONENT_GROUPS, fetch_model_dir, save_model_dir
 
 ImageInput = PIL.Image.Image | np.ndarray | bytes
 AudioInput = bytes | tuple[np.ndarray, int]
@@ -68,16 +68,14 @@ class OmniFlowPipeline(DiffusionPipeline):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, device: str = "cpu",
                         torch_dtype: torch.dtype | str = "float32", storage: Any = None,
                         **unused: Any) -> "OmniFlowPipeline":
-        """Load a model directory (local, or s3:// with `storage`, a `pipelines.storage.StorageConfig`).
+        """Load a model directory (local, or s3:// with `storage`, a `omniflow.storage.StorageConfig`).
 
         `torch_dtype` is the transformer's; the codecs run as their configs say."""
         if unused:
             raise TypeError(f"OmniFlowPipeline.from_pretrained got unsupported options {sorted(unused)}")
         path = str(pretrained_model_name_or_path)
         if path.startswith("s3://"):
-            from pipelines.storage import StorageConfig, local_copy
-
-            path = local_copy(path, storage or StorageConfig())
+            path = str(fetch_model_dir(path, storage))
         dtype = str(torch_dtype).removeprefix("torch.")
         return cls.from_any_to_any(AnyToAny.load(path, device=device, dtype=dtype))
 

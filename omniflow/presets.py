@@ -41,34 +41,34 @@ PRESETS: dict[str, Preset] = {
             name="tiny",
             description="unit tests",
             text_tokens=4,
-            config=dict(
-                sample_size=8, patch_size=2, in_channels=4, num_layers=2, num_attention_heads=2,
-                attention_head_dim=8, joint_attention_dim=16, text_out_dim=16, pooled_projection_dim=16,
-                pos_embed_max_size=16, audio_in_channels=4, audio_sample_size=(16, 8), audio_patch_size=2,
-                audio_pos_embed_max_size=16, qk_norm="layer_norm",
-            ),
+            config={
+                "sample_size": 8, "patch_size": 2, "in_channels": 4, "num_layers": 2, "num_attention_heads": 2,
+                "attention_head_dim": 8, "joint_attention_dim": 16, "text_out_dim": 16, "pooled_projection_dim": 16,
+                "pos_embed_max_size": 16, "audio_in_channels": 4, "audio_sample_size": (16, 8), "audio_patch_size": 2,
+                "audio_pos_embed_max_size": 16, "qk_norm": "layer_norm",
+            },
         ),
         Preset(
             name="toy",
             description="ShapesWorld demo on a laptop",
             text_tokens=8,
-            config=dict(
-                sample_size=8, patch_size=2, in_channels=4, num_layers=6, num_attention_heads=4,
-                attention_head_dim=32, joint_attention_dim=32, text_out_dim=32, pooled_projection_dim=64,
-                pos_embed_max_size=16, audio_in_channels=4, audio_sample_size=(32, 16), audio_patch_size=4,
-                audio_pos_embed_max_size=16, qk_norm="layer_norm",
-            ),
+            config={
+                "sample_size": 8, "patch_size": 2, "in_channels": 4, "num_layers": 6, "num_attention_heads": 4,
+                "attention_head_dim": 32, "joint_attention_dim": 32, "text_out_dim": 32, "pooled_projection_dim": 64,
+                "pos_embed_max_size": 16, "audio_in_channels": 4, "audio_sample_size": (32, 16), "audio_patch_size": 4,
+                "audio_pos_embed_max_size": 16, "qk_norm": "layer_norm",
+            },
         ),
         Preset(
             name="sd3-medium",
             description="the paper's size: SD3 medium + AudioLDM2-latent audio stream",
             text_tokens=32,
-            config=dict(
-                sample_size=128, patch_size=2, in_channels=16, num_layers=24, num_attention_heads=24,
-                attention_head_dim=64, joint_attention_dim=4096, text_out_dim=1536, pooled_projection_dim=2048,
-                pos_embed_max_size=192, audio_in_channels=8, audio_sample_size=(256, 16), audio_patch_size=2,
-                audio_pos_embed_max_size=192, qk_norm=None,
-            ),
+            config={
+                "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "num_attention_heads": 24,
+                "attention_head_dim": 64, "joint_attention_dim": 4096, "text_out_dim": 1536, "pooled_projection_dim": 2048,
+                "pos_embed_max_size": 192, "audio_in_channels": 8, "audio_sample_size": (256, 16), "audio_patch_size": 2,
+                "audio_pos_embed_max_size": 192, "qk_norm": None,
+            },
         ),
     )
 }

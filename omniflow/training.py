@@ -116,7 +116,7 @@ class StepOutput:
     per_modality: dict[str, float]
     per_task: dict[str, float]
     task_counts: dict[str, int]
-    grad_norm: float | None
+    grad_norm: float  # before clipping
     lr: float
     samples: int
 
@@ -131,7 +131,11 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, *, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, *,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`omniflow.lr.warmup_cosine` as a `LambdaLR`: linear warm-up over `warmup_steps`, then cosine
+    decay to `min_lr_ratio` of the peak at `total_steps`; its `state_dict` goes into training
+    checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: warmup_cosine(s, total=total_steps, warmup=config.warmup_steps, floor=config.min_lr_ratio),
@@ -185,10 +189,9 @@ def train_step(
             n = sum(t.name == name for t in batch.tasks)
             task_sum[name] = task_sum.get(name, 0.0) + value.item() * n
             task_n[name] = task_n.get(name, 0) + n
-    grad_norm = None
-    if grad_clip is not None:
-        norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+    # The total gradient norm before clipping (an infinite limit measures without clipping).
+    norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip is not None else float("inf"))
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

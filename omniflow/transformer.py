@@ -96,7 +96,7 @@ class JointBlock(nn.Module):
 
     def forward(self, x: dict[str, torch.Tensor], cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """x: stream name -> tokens (B, L, D); cond: stream name -> conditioning vector (B, D)."""
-        heads = lambda t: rearrange(t, "B L (H D) -> B H L D", H=self.num_heads)  # noqa: E731
+        heads = lambda t: rearrange(t, "B L (H D) -> B H L D", H=self.num_heads)
         queries, keys, values, query_lengths, modulation = [], [], [], [], {}
         for name, x_BLD in x.items():
             layers = self.streams[name]
@@ -156,7 +156,7 @@ class OmniFlowTransformer(ModelMixin, ConfigMixin):
         torch.Size([1, 4, 8, 8])
     """
 
-    _no_split_modules = ["JointBlock"]
+    _no_split_modules = ["JointBlock"]  # noqa: RUF012 (diffusers reads this class attribute)
 
     @register_to_config
     def __init__(

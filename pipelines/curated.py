@@ -6,7 +6,7 @@ read by workers one at a time, never collected on the driver.
 
 import pyarrow as pa
 
-from pipelines import storage as st
+from omniflow import storage as st
 from pipelines.schema import CURATED_SAMPLE, conform
 from pipelines.writer import read_parts
 

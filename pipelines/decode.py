@@ -10,11 +10,11 @@ through untouched. The output has `schema.SCORED_SAMPLE`'s columns, scores null,
 Judging content (a blank or noisy image, a caption that does not match) is the scorers' job: an
 image that decodes is accepted here, whatever it shows.
 
-    >>> from pipelines.sources import ShapesWorldSource, read_shard
-    >>> from pipelines.storage import StorageConfig
-    >>> raw = read_shard(ShapesWorldSource(name="toy", samples=2), "part-00000", StorageConfig())
-    >>> Decode(DecodeConfig())(raw).column("image_width").to_pylist()
-    [32, 32]
+    >>> from pipelines.sources import FolderSource, read_shard
+    >>> from omniflow.storage import StorageConfig
+    >>> raw = read_shard(FolderSource(name="photos", path="data/photos"), "part-00000", StorageConfig())
+    >>> Decode(DecodeConfig())(raw).column("image_width").to_pylist()[:2]
+    [512, 768]
 
 On Ray Data: `ds.map_batches(Decode, **Decode.map_batches_kwargs(config))`.
 """

@@ -22,8 +22,6 @@ Two stages, so that each scales on its own:
     ds.write_datasink(LatentSink("s3://bucket/latents", config, storage, rows_per_shard=1024))
 """
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -35,15 +33,20 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from omniflow import storage as st
+from omniflow.codecs.base import codec_config_for
+from omniflow.config import config_hash
 from omniflow.modality import MODALITIES, Modality
-from pipelines import storage as st
 from pipelines.resources import StageResources, resolve_device
 from pipelines.schema import (
     DROPPED_SAMPLE,
     LATENT_MODALITIES,
     LATENT_STORAGE,
+    MEDIA_COLUMN,
+    MEDIA_COLUMNS,
     REJECTED,
     SCHEMA_VERSION,
+    SYNTHETIC_FLAG,
     TRIPLET_SAMPLE,
     conform,
     latent_column,
@@ -62,40 +65,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DECODE_STAGE, ENCODE_STAGE = "decode", "encode"
-# The media column each modality is encoded from (text latents are named by the modality).
-MEDIA_COLUMN = {Modality.IMAGE: "image", Modality.TEXT: "caption", Modality.AUDIO: "audio"}
-SYNTHETIC_FLAGS = ("image_synthetic", "caption_synthetic", "audio_synthetic")
+SYNTHETIC_FLAGS = tuple(SYNTHETIC_FLAG.values())
 # Input columns read from curated / triplet parts; the synthetic flags are false when absent.
-INPUT_COLUMNS = ("key", "source", "sample_id", "image", "caption", "audio", "source_weight", *SYNTHETIC_FLAGS)
+INPUT_COLUMNS = ("key", "source", "sample_id", *MEDIA_COLUMNS, "source_weight", *SYNTHETIC_FLAGS)
 # Model inputs passed from LatentPreprocess to LatentEncoder, which drops them.
 IMAGE_PIXELS, AUDIO_WAVE = "image_pixels", "audio_wave"
 REJECT_STAGE, REJECT_REASON = "reject_stage", "reject_reason"
-
-
-def _kinds(modality: Modality, pooled: bool) -> list[str]:
-    """The registered codec (or pooled-encoder) kinds of `modality` (imports every kind's module)."""
-    from omniflow.codecs.base import codec_class, codec_kinds
-    from omniflow.codecs.pooled import PooledEncoder
-
-    return [k for k in codec_kinds()
-            if codec_class(k).modality == modality and issubclass(codec_class(k), PooledEncoder) == pooled]
-
-
-def _validated(modality: Modality, raw: dict, *, pooled: bool = False) -> BaseModel:
-    """`raw` validated by its kind's config class (no weights loaded); the kind must be a codec (or
-    a pooled encoder) of `modality` in the codec registry."""
-    from omniflow.codecs.base import codec_class
-    from omniflow.codecs.pooled import PooledEncoder
-
-    kind = raw.get("kind")
-    try:
-        cls = codec_class(kind)
-    except ValueError:
-        cls = None
-    if cls is None or cls.modality != modality or issubclass(cls, PooledEncoder) != pooled:
-        what = "pooled" if pooled else "codecs"
-        raise ValueError(f"{what}.{modality.value}.kind must be one of {_kinds(modality, pooled)}, got {kind!r}")
-    return cls.config_class.model_validate(raw)
 
 
 class EncodingConfig(BaseModel):
@@ -119,13 +94,13 @@ class EncodingConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> "EncodingConfig":
         if not self.codecs:
-            raise ValueError("codecs: configure at least one of image, text, audio (or set toy_codecs)")
+            raise ValueError("codecs: configure at least one of image, text, audio (or name a codec set in codec_sets)")
         if self.decode.num_gpus > 0:
             raise ValueError("decode.num_gpus must be 0: decoding runs on CPU actors")
         for modality, raw in self.codecs.items():
-            _validated(modality, raw)
+            codec_config_for(modality, raw)
         for modality, raw in self.pooled.items():
-            _validated(modality, raw, pooled=True)
+            codec_config_for(modality, raw, pooled=True)
             if modality not in self.codecs:
                 raise ValueError(f"pooled.{modality.value} needs codecs.{modality.value}: it reads the same model inputs")
         return self
@@ -137,12 +112,12 @@ class EncodingConfig(BaseModel):
     def codec_hash(self) -> str:
         """Hash of the codec and pooled configs: latents from different codecs never mix."""
         raw = {"codecs": {m.value: c for m, c in self.codecs.items()}, "pooled": {m.value: c for m, c in self.pooled.items()}}
-        return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash(raw)
 
     def codec_config(self, modality: Modality) -> Any:
         """The validated config of `modality`'s codec (None when it has none)."""
         raw = self.codecs.get(modality)
-        return _validated(modality, raw) if raw else None
+        return codec_config_for(modality, raw) if raw else None
 
 
 # ---- codecs ----------------------------------------------------------------------------------

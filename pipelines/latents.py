@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipelines import storage as st
+from omniflow import storage as st
 from pipelines.schema import CODEC_HASH_KEY, LATENT_DTYPE_KEY, LATENT_SHAPES_KEY
 
 # Arrow storage type of a tensor column -> (numpy view dtype, torch dtype). uint16 holds bfloat16

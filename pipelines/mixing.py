@@ -26,10 +26,7 @@ from omniflow.modality import MODALITIES, Modality
 from omniflow.tasks import Role, Task, get_task
 from omniflow.training import Batch
 from pipelines.latents import latents_to_tensors
-from pipelines.schema import latent_column, pooled_column
-
-# A modality's synthetic flag, by the media column it was generated for.
-SYNTHETIC_FLAG = {Modality.IMAGE: "image_synthetic", Modality.TEXT: "caption_synthetic", Modality.AUDIO: "audio_synthetic"}
+from pipelines.schema import SYNTHETIC_FLAG, latent_column, pooled_column
 
 
 class DatasetSpec(BaseModel):

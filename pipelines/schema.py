@@ -5,11 +5,22 @@ pyarrow reader can open the files. Every layout carries `schema_version`.
 """
 
 import json
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
+from omniflow.modality import MODALITIES, Modality
+
 SCHEMA_VERSION = 1
+
+# The one mapping between the model's modalities and the raw media columns: text is stored as its
+# caption. Every other list of modality or media names is derived from these.
+MEDIA_COLUMN: dict[Modality, str] = {Modality.IMAGE: "image", Modality.TEXT: "caption", Modality.AUDIO: "audio"}
+MODALITY_OF_COLUMN: dict[str, Modality] = {column: m for m, column in MEDIA_COLUMN.items()}
+MEDIA_COLUMNS: tuple[str, ...] = tuple(MEDIA_COLUMN[m] for m in MODALITIES)  # ("image", "caption", "audio")
+MediaName = Literal[MEDIA_COLUMNS]  # a media column's name, as configs spell it
+SYNTHETIC_FLAG: dict[Modality, str] = {m: f"{column}_synthetic" for m, column in MEDIA_COLUMN.items()}
 
 # Row statuses after curation, and the stages a reject can come from.
 KEPT, FILTERED, REJECTED = "kept", "filtered", "rejected"
@@ -97,7 +108,7 @@ DROPPED_SAMPLE = pa.schema(
 )
 
 
-def tensor_field(name: str, shape: tuple[int, ...], value_type: pa.DataType = pa.float32()) -> pa.Field:
+def tensor_field(name: str, shape: tuple[int, ...], value_type: pa.DataType = pa.float32()) -> pa.Field:  # noqa: B008
     """A fixed-shape tensor column: every row holds one tensor of `shape`."""
     return pa.field(name, pa.fixed_shape_tensor(value_type, list(shape)))
 
@@ -135,7 +146,7 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 # and is null in rows without that modality; `has_<modality>` is the presence mask. Tensors are
 # stored as `LATENT_STORAGE[dtype]`: bfloat16 has no Arrow type, so its raw 16-bit patterns are
 # kept as uint16 (`pipelines.latents` views them back as torch.bfloat16 without converting).
-LATENT_MODALITIES = ("image", "text", "audio")  # omniflow.modality.Modality values
+LATENT_MODALITIES = tuple(m.value for m in MODALITIES)  # ("image", "text", "audio")
 LATENT_STORAGE = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}
 LATENT_DTYPE_KEY, LATENT_SHAPES_KEY, CODEC_HASH_KEY = (
     b"omniflow.latent_dtype", b"omniflow.latent_shapes", b"omniflow.codec_config_hash"

@@ -26,9 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omniflow.codecs.media import MediaError, decode_audio, decode_image
 from omniflow.scoring.aesthetic import AestheticConfig, load_aesthetic_head
-from omniflow.scoring.clap import AudioFeatures, ClapConfig, audio_features, load_clap, load_feature_extractor
+from omniflow.scoring.clap import (
+    AudioFeatures,
+    ClapConfig,
+    audio_features,
+    load_clap,
+    load_feature_extractor,
+)
 from omniflow.scoring.clip import ClipConfig, clip_transform, load_clip, preprocess_config
-from pipelines.resources import StageResources, resolve_device  # noqa: F401 - re-exported for callers
+from pipelines.resources import StageResources, resolve_device
 from pipelines.schema import SCORED_SAMPLE, tensor_column
 
 logger = logging.getLogger(__name__)

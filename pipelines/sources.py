@@ -1,4 +1,4 @@
-"""Raw samples from Parquet files, WebDataset tars, folders and ShapesWorld, shard by shard.
+"""Raw samples from Parquet files, WebDataset tars, folders and generated sources, shard by shard.
 
 A source config names where samples live; `list_shards` splits a source into stable shards (a file,
 or a fixed run of samples) and `read_shard` reads one into a `READ_SAMPLE` table: the columns of
@@ -16,23 +16,24 @@ wrong. So each unreadable (part of a) shard counts as one input sample, rejected
 input = kept + filtered + rejected stays exact; how many samples the damage hid is unknowable.
 """
 
-import functools
 import posixpath
 import tarfile
 import zlib
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Annotated, Any, Literal
+from typing import IO, Annotated, Any, Literal, Union
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import Field, TypeAdapter, model_validator
 
-from pipelines import storage as st
+from omniflow import storage as st
+from omniflow.storage import StorageConfig
+from pipelines import plugins
+from pipelines.plugins import GeneratedSource, SourceBase
 from pipelines.schema import READ_SAMPLE
-from pipelines.storage import StorageConfig
 
 READ_STAGE = "read"
 CHUNK_ROWS = 256  # rows per table a reader yields: bounds a task's memory on big shards
@@ -43,18 +44,9 @@ AUDIO_EXTENSIONS = ("wav", "flac")
 CAPTION_EXTENSIONS = ("txt",)
 PARQUET_SUFFIXES = (".parquet",)
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # no "/": keys are split on it
 
 
-class _SourceBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(
-        pattern=NAME_PATTERN, description="unique per run; the first part of every key"
-    )
-
-
-class _FileSource(_SourceBase):
+class _FileSource(SourceBase):
     path: str = Field(min_length=1, description="local path or s3:// URL")
     max_media_bytes: int = Field(
         256 * 2**20,
@@ -106,26 +98,11 @@ class FolderSource(_FileSource):
     samples_per_shard: int = Field(1000, ge=1)
 
 
-class ShapesWorldSource(_SourceBase):
-    """Built-in ShapesWorld triplets with planted defects: exactly the rows of
-    `make_records(samples, seed=seed, defect_rate=defect_rate)`, `samples_per_shard` per shard.
-
-    `modalities` keeps only some of each triplet, to stand in for pair datasets: ["image",
-    "caption"] is an image-text set like LAION, ["audio", "caption"] an audio-text set like
-    AudioSet, ["image", "audio"] a video-derived image-audio set like SoundNet."""
-
-    type: Literal["shapesworld"] = "shapesworld"
-    samples: int = Field(1000, ge=1)
-    seed: int = Field(0, ge=0)
-    defect_rate: float = Field(0.0, ge=0.0, le=1.0)
-    samples_per_shard: int = Field(250, ge=1)
-    modalities: list[Literal["image", "caption", "audio"]] = Field(
-        default_factory=lambda: ["image", "caption", "audio"], min_length=1
-    )
-
-
+# The built-in kinds, then the `GeneratedSource` types installed packages provide
+# (`pipelines.plugins`), by `type`.
 SourceConfig = Annotated[
-    ParquetSource | WebDatasetSource | FolderSource | ShapesWorldSource, Field(discriminator="type")
+    Union[ParquetSource, WebDatasetSource, FolderSource, *plugins.load(plugins.SOURCES)],
+    Field(discriminator="type"),
 ]
 _SOURCE_ADAPTER: TypeAdapter = TypeAdapter(SourceConfig)
 
@@ -133,8 +110,8 @@ _SOURCE_ADAPTER: TypeAdapter = TypeAdapter(SourceConfig)
 def parse_source(data: dict[str, Any]) -> SourceConfig:
     """A source config from a dict such as a YAML entry; `type` picks the kind.
 
-    >>> parse_source({"name": "toy", "type": "shapesworld", "samples": 8}).samples
-    8
+    >>> parse_source({"name": "photos", "type": "folder", "path": "data/photos"}).samples_per_shard
+    1000
     """
     return _SOURCE_ADAPTER.validate_python(data)
 
@@ -144,7 +121,7 @@ def parse_source(data: dict[str, Any]) -> SourceConfig:
 
 @dataclass(frozen=True)
 class _Shard:
-    """What a task needs to read one shard: the file(s) it covers (none for ShapesWorld)."""
+    """What a task needs to read one shard: the file(s) it covers (none for a generated source)."""
 
     source: str
     shard: str
@@ -159,18 +136,18 @@ def list_shards(source: SourceConfig, storage: StorageConfig) -> list[str]:
     """The source's shard ids, sorted and stable while its files do not change.
 
     A file's shard id is its path below the source's directory (its name, for a flat layout);
-    folder and ShapesWorld shards are `part-00000`, `part-00001`, ... A source with no shards is a
+    folder and generated shards are `part-00000`, `part-00001`, ... A source with no shards is a
     `ValueError` (a misspelt path should not curate nothing, quietly).
 
-        >>> toy = ShapesWorldSource(name="toy", samples=600, samples_per_shard=250)
-        >>> list_shards(toy, StorageConfig())
+        >>> list_shards(FolderSource(name="photos", path="data/photos", samples_per_shard=250),
+        ...             StorageConfig())    # 600 stems
         ['part-00000', 'part-00001', 'part-00002']
     """
     return [shard.shard for shard in _plan(source, storage)]
 
 
 def _plan(source: SourceConfig, storage: StorageConfig) -> list[_Shard]:
-    if isinstance(source, ShapesWorldSource):
+    if isinstance(source, GeneratedSource):
         count = -(-source.samples // source.samples_per_shard)
         shards = [_Shard(source.name, _part(i), ()) for i in range(count)]
     elif isinstance(source, FolderSource):
@@ -247,9 +224,9 @@ def _group_stems(files: Sequence[str], root: str) -> dict[str, dict[str, str]]:
 def read_shard(source: SourceConfig, shard: str, storage: StorageConfig) -> pa.Table:
     """One shard as a `READ_SAMPLE` table (see the module docstring for bad input).
 
-    >>> table = read_shard(ShapesWorldSource(name="toy", samples=4), "part-00000", StorageConfig())
-    >>> table.column("key").to_pylist()
-    ['toy/part-00000/0', 'toy/part-00000/1', 'toy/part-00000/2', 'toy/part-00000/3']
+    >>> table = read_shard(FolderSource(name="photos", path="data/photos"), "part-00000", StorageConfig())
+    >>> table.column("key").to_pylist()[:2]
+    ['photos/part-00000/0', 'photos/part-00000/1']
     """
     if isinstance(source, (ParquetSource, WebDatasetSource)):
         planned = _Shard(source.name, shard, (st.join(st.glob_root(source.path, storage), shard),))
@@ -270,8 +247,7 @@ def _read(
         ParquetSource: _read_parquet,
         WebDatasetSource: _read_tar,
         FolderSource: _read_folder,
-        ShapesWorldSource: _read_shapesworld,
-    }[type(source)]
+    }.get(type(source), _read_generated)
     rows: list[dict[str, Any]] = []
     for row in reader(source, shard, storage, skip):
         if _index(row) not in skip:
@@ -325,27 +301,12 @@ def _text(data: bytes) -> str:
 _SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, zlib.error, pa.ArrowException, _Damaged)
 
 
-def _read_shapesworld(
-    source: ShapesWorldSource, shard: _Shard, storage: StorageConfig, skip: frozenset[int]
+def _read_generated(
+    source: GeneratedSource, shard: _Shard, storage: StorageConfig, skip: frozenset[int]
 ) -> Iterator[dict]:
     start = int(shard.shard.removeprefix("part-")) * source.samples_per_shard
-    records = _shapesworld_records(source.samples, source.seed, source.defect_rate)
-    for index, record in enumerate(records[start : start + source.samples_per_shard]):
-        yield _row(
-            shard,
-            index,
-            record["id"],
-            **{m: record[m] for m in source.modalities},
-        )
-
-
-@functools.lru_cache(maxsize=2)
-def _shapesworld_records(samples: int, seed: int, defect_rate: float) -> tuple[dict[str, Any], ...]:
-    """All of the source's records, once per worker process: a shard is a slice of the whole set,
-    since which rows carry defects depends on the total."""
-    from omniflow.shapesworld.defects import make_records
-
-    return tuple(make_records(samples, seed=seed, defect_rate=defect_rate))
+    for index, record in enumerate(source.records()[start : start + source.samples_per_shard]):
+        yield _row(shard, index, record["id"], **{m: record[m] for m in source.modalities})
 
 
 # ---- WebDataset tars
@@ -599,9 +560,9 @@ def read_sources(
     keys already processed (e.g. by a killed run) and `skip_shards` are `"<source>/<shard>"` ids
     done as a whole: neither is read again, so a resumed job neither loses nor repeats a row.
 
-        >>> ds = read_sources([ShapesWorldSource(name="toy", samples=8)], StorageConfig(),
-        ...                   skip_keys={"toy/part-00000/0"})
-        >>> ds.count()
+        >>> ds = read_sources([FolderSource(name="photos", path="data/photos")], StorageConfig(),
+        ...                   skip_keys={"photos/part-00000/0"})
+        >>> ds.count()     # 8 stems
         7
     """
     names = [s.name for s in sources]

@@ -6,16 +6,23 @@ data path, fault recovery) before any real data is encoded.
     ...                      {"pairs": (["image", "caption"], 1000, 1.0)})
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from pipelines.schema import LATENT_STORAGE, SCHEMA_VERSION, latent_column, latent_sample_schema, tensor_column
-from pipelines.storage import StorageConfig, write_parquet_atomic
-
-MODALITY_OF = {"image": "image", "caption": "text", "audio": "audio"}
+from omniflow.config import config_hash
+from omniflow.storage import StorageConfig, write_parquet_atomic
+from pipelines.manifest import EncodeManifest, write_manifest
+from pipelines.schema import (
+    LATENT_MODALITIES,
+    LATENT_STORAGE,
+    MODALITY_OF_COLUMN,
+    SCHEMA_VERSION,
+    latent_column,
+    latent_sample_schema,
+    tensor_column,
+)
 
 
 def write_latent_dataset(
@@ -39,7 +46,7 @@ def write_latent_dataset(
             "image_synthetic": [False] * rows, "caption_synthetic": [False] * rows, "audio_synthetic": [False] * rows,
             "schema_version": pa.array([SCHEMA_VERSION] * rows, pa.int16()),
         }
-        present = {MODALITY_OF[m] for m in media}
+        present = {MODALITY_OF_COLUMN[m] for m in media}
         for m, shape in shapes.items():
             valid = np.full(rows, m in present)
             values = patterns[m][label] + 0.1 * rng.normal(size=(rows, *shape)).astype(np.float32)
@@ -55,11 +62,16 @@ def write_latent_dataset(
         path = str(out / "latents" / f"part-{i}.parquet")
         write_parquet_atomic(table.take(chunk), path, StorageConfig())
         paths.append(path)
-    manifest = {
-        "job": "encode",
-        "latents": {"dtype": "float32", "shapes": {latent_column(m): list(s) for m, s in shapes.items()}},
-        "codecs": {},
-        "outputs": {"latents": paths},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
+    made_up = {"shapes": {m: list(s) for m, s in shapes.items()}, "sources": sources, "seed": seed, "parts": parts}
+    manifest = EncodeManifest(
+        config={"synthetic_latents": made_up}, config_hash=config_hash(made_up), input=None,
+        counts={s: {"input": rows, "encoded": rows, "rejected": 0,
+                    "encoded_with": {m: rows * (m in {MODALITY_OF_COLUMN[x] for x in media}) for m in shapes}}
+                for s, (media, rows, _) in sources.items()},
+        modalities={"encoded": list(shapes), "left_out": [m for m in LATENT_MODALITIES if m not in shapes]},
+        latents={"dtype": "float32", "storage_type": str(LATENT_STORAGE["float32"]),
+                 "shapes": {latent_column(m): list(s) for m, s in shapes.items()},
+                 "codec_config_hash": config_hash({"codecs": {}, "pooled": {}})},
+        codecs={}, outputs={"latents": paths, "rejects": []},
+    )
+    return write_manifest(str(out), manifest, StorageConfig())

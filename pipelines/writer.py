@@ -9,6 +9,7 @@ output): `deduplicate_parts`, which every job runs after its writes, leaves each
 """
 
 import hashlib
+import itertools
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from pipelines import storage as st
+from omniflow import storage as st
 from pipelines.schema import conform
 
 PART_SUFFIX = ".parquet"
@@ -49,7 +50,7 @@ class AtomicParquetSink(Datasink):
         parts = max(1, round(table.num_rows / self.rows_per_part)) if self.rows_per_part else 1
         bounds = [round(i * table.num_rows / parts) for i in range(parts + 1)]
         paths = []
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             path = st.join(self.directory, f"part-{uuid.uuid4().hex}{PART_SUFFIX}")
             st.write_parquet_atomic(table.slice(lo, hi - lo), path, self.storage)
             paths.append(path)

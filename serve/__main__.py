@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from jobs.common import ConfigError, load_config
+from omniflow.config import ConfigError, load_config
 from serve.schema import ServeConfig
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ray import serve
 
-    from jobs.common import init_ray
+    from pipelines.runtime import init_ray
     from serve.app import Generator, application
 
     generator = Generator.options(num_replicas=args.replicas,

@@ -31,11 +31,18 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from omniflow import storage as st
 from omniflow.codecs.media import MediaError
 from omniflow.inference import AnyToAny, InputPreparer, Outputs, Prepared, SamplingParams
-from omniflow.model_dir import read_model_info
-from pipelines import storage as st
-from serve.schema import ErrorResponse, GenerateRequest, GenerateResponse, Limits, ServeConfig, check_request
+from omniflow.model_dir import fetch_model_dir, read_model_info
+from serve.schema import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Limits,
+    ServeConfig,
+    check_request,
+)
 
 logger = logging.getLogger("ray.serve")
 ERRORS = {400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
@@ -63,7 +70,7 @@ class Generator:
 
         self.config = ServeConfig.model_validate(config)
         device = str(resolve_device(self.config.device))
-        local = st.local_copy(self.config.model, self.config.storage)
+        local = fetch_model_dir(self.config.model, self.config.storage)
         self.pipe = AnyToAny.load(local, device=device, dtype=self.config.dtype)
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
@@ -101,13 +108,13 @@ class Generator:
     def _run(self, requests: list[Prepared]) -> list[Outputs | Exception]:
         try:
             return self.pipe.run(requests)
-        except Exception:  # noqa: BLE001 - find the request that failed; serve the others
+        except Exception:
             logger.exception("a batch of %d requests failed; running them one at a time", len(requests))
         results: list[Outputs | Exception] = []
         for request in requests:
             try:
                 results.append(self.pipe.run([request])[0])
-            except Exception as err:  # noqa: BLE001 - becomes this request's error response
+            except Exception as err:
                 logger.exception("request for task %s failed", request.task)
                 results.append(GenerationFailed(f"{type(err).__name__}: {err}"))
         return results

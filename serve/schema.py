@@ -10,13 +10,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from omniflow.modality import MODALITIES
+from omniflow.storage import StorageConfig
 from omniflow.tasks import BUILTIN_TASKS, get_task
-from pipelines.storage import StorageConfig
 
-TaskName = Literal["t2i", "i2t", "t2a", "a2t", "i2a", "a2i", "at2i", "it2a", "ai2t", "joint"]
-ModalityName = Literal["image", "text", "audio"]
+TaskName = Literal[tuple(BUILTIN_TASKS)]  # t2i, i2t, t2a, a2t, i2a, a2i, at2i, it2a, ai2t, joint
+ModalityName = Literal[tuple(m.value for m in MODALITIES)]  # image, text, audio
 MAX_SEED = 2**62  # output k of a request is seeded seed + k; this leaves room for any k
-assert set(TaskName.__args__) == set(BUILTIN_TASKS)
 
 
 class Limits(BaseModel):

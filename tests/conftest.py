@@ -7,10 +7,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 pytest_plugins = ["s3_server"]
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from omniflow.presets import build_transformer  # noqa: E402
+from omniflow.presets import build_transformer
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def ray_cluster(s3_server):
     """
     import ray
 
-    from jobs.common import init_ray
+    from pipelines.runtime import init_ray
 
     init_ray(2)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -45,7 +45,7 @@ def toy_dir(tmp_path_factory):
 def toy_models(toy_dir) -> tuple[dict, dict]:
     """The default toy CLIP and toy codecs, built once per session side by side as the demo builds
     them (about 3.5 minutes on 2 CPU cores): their manifests (clip, codecs)."""
-    from omniflow.toy.models import build_toy_models
+    from shapesworld.toy.models import build_toy_models
 
     return build_toy_models(toy_dir, workers=2)
 

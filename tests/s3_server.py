@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipelines.storage import StorageConfig
+from omniflow.storage import StorageConfig
 
 REGION = "us-east-1"
 # Set for the fixture's scope: fake credentials, and loopback kept away from any HTTP proxy.

@@ -32,7 +32,7 @@ SR = 16_000
 
 
 def tone(freq: float, seconds: float, rate: int = SR, amplitude: float = 0.5) -> np.ndarray:
-    t = np.arange(int(round(seconds * rate))) / rate
+    t = np.arange(round(seconds * rate)) / rate
     return (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
@@ -49,16 +49,16 @@ def mel_bin_of(freq: float, cfg: MelConfig) -> int:
 
 def tiny_vocoder_config(**overrides) -> SpeechT5HifiGanConfig:
     """HiFi-GAN with AudioLDM2's interface (64 mels in, 16 kHz, upsampling 4*4*10 = 160 = hop)."""
-    fields = dict(
-        model_in_dim=64,
-        sampling_rate=16_000,
-        upsample_initial_channel=16,
-        upsample_rates=[4, 4, 10],
-        upsample_kernel_sizes=[8, 8, 20],
-        resblock_kernel_sizes=[3],
-        resblock_dilation_sizes=[[1, 3]],
-        normalize_before=False,
-    )
+    fields = {
+        "model_in_dim": 64,
+        "sampling_rate": 16_000,
+        "upsample_initial_channel": 16,
+        "upsample_rates": [4, 4, 10],
+        "upsample_kernel_sizes": [8, 8, 20],
+        "resblock_kernel_sizes": [3],
+        "resblock_dilation_sizes": [[1, 3]],
+        "normalize_before": False,
+    }
     return SpeechT5HifiGanConfig(**(fields | overrides))
 
 

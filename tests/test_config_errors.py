@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs import curate, train
-from jobs.common import ConfigError, load_config
+from omniflow.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CURATE = "configs/curate_shapesworld.yaml"  # the README's config, valid as it is
@@ -92,7 +92,7 @@ SUBPROCESS_CASES = {  # one user-facing run per entry point, each a different ki
     "jobs.encode": (["--config", "{missing}"], ["cannot read config", "missing.yaml"]),
     "jobs.train": (["--config", "{list}"], ["top level must be a mapping"]),
     "jobs.merge": (["--config", "{unparseable}"], ["is not valid YAML"]),
-    "jobs.demo": (["steps.stage3=many"], ["steps.stage3:", "'many'"]),
+    "shapesworld.demo": (["steps.stage3=many"], ["steps.stage3:", "'many'"]),
     "serve": (["--model", "runs/none", "limits.max_steps=0"], ["limits.max_steps:"]),
 }
 

@@ -11,11 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.common import ConfigError, load_config
 from jobs.curate import CurateConfig, main, run
-from pipelines import storage as st
+from omniflow import storage as st
+from omniflow.config import ConfigError, load_config
 from pipelines.schema import CURATED_SAMPLE, DROPPED_SAMPLE
 from pipelines.writer import committed_parts, read_parts
+from shapesworld import checks
 
 SOURCE = {"name": "shapes", "type": "shapesworld", "samples": 120, "seed": 3, "defect_rate": 0.25,
           "samples_per_shard": 20, "filters": {"min_caption_chars": 3}}
@@ -39,7 +40,7 @@ def test_local_run_writes_consistent_outputs(tmp_path, ray_cluster):
     _check_manifest(manifest)
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk["counts"] == manifest["counts"]
-    curated = pq.read_table([p for p in manifest["outputs"]["curated"]][0]).schema
+    curated = pq.read_table(next(iter(manifest["outputs"]["curated"]))).schema
     assert curated.equals(CURATED_SAMPLE, check_metadata=False)
     kept = sum(pq.read_metadata(p).num_rows for p in manifest["outputs"]["curated"])
     assert kept == manifest["counts"]["shapes"]["kept"]
@@ -47,7 +48,7 @@ def test_local_run_writes_consistent_outputs(tmp_path, ray_cluster):
     assert rejects.schema.equals(DROPPED_SAMPLE, check_metadata=False)
     reasons = " ".join(rejects.column("reason").to_pylist())
     assert "could not be decoded" in reasons and "silent" in reasons
-    semantics = manifest["semantics"]["shapes"]
+    semantics = checks.curation(manifest["config"]["output"], st.StorageConfig(**manifest["config"]["storage"]))["shapes"]
     assert semantics["defects_removed"] > 0 and semantics["clean_kept"] == 1.0
 
 
@@ -143,7 +144,7 @@ def test_shapesworld_semantics_with_the_toy_clip(tmp_path, ray_cluster, toy_clip
     config["sources"] = config["sources"][:1]  # the image-text source, where captions can mismatch
     config["sources"][0].update(name="shapes", samples=400, samples_per_shard=100)
     manifest = run(CurateConfig.model_validate(config))
-    semantics = manifest["semantics"]["shapes"]
+    semantics = checks.curation(config["output"])["shapes"]
     print(semantics, manifest["counts"])
     assert semantics["mismatched_removed"] >= 0.9 and semantics["clean_kept"] >= 0.9
     assert set(manifest["outputs"]["plots"]) == {"clip_score", "aesthetic_score"}
@@ -160,7 +161,7 @@ def test_near_duplicates_by_embedding_are_removed(tmp_path, ray_cluster, toy_cli
     import pyarrow as pa
     from PIL import Image
 
-    from omniflow.shapesworld import make_records
+    from shapesworld import make_records
 
     records = make_records(30, seed=5)
     rows = [{"id": r["id"], "image": r["image"], "caption": r["caption"]} for r in records]

@@ -12,10 +12,10 @@ from hostile_media import flac_claiming, png_claiming
 from pydantic import ValidationError
 
 from omniflow.codecs.media import encode_audio, encode_image
-from omniflow.shapesworld.defects import DEFECTS, make_records
 from pipelines.decode import Decode, DecodeConfig, caption_problem, content_hash
 from pipelines.schema import RAW_SAMPLE, SCORED_SAMPLE, conform
 from pipelines.sources import READ_SAMPLE
+from shapesworld.defects import DEFECTS, make_records
 
 TONE = encode_audio((0.5 * np.sin(np.linspace(0, 880 * np.pi, 16000))).astype(np.float32), 16000)
 IMAGE = encode_image(np.full((8, 12, 3), 200, np.uint8))

@@ -1,6 +1,6 @@
-"""The README is executable truth: what the docs show, the code takes.
+"""The docs are executable truth: what they show, the code takes.
 
-Every YAML config block of README.md and infra/README.md says which job it configures with a
+Every YAML config block of README.md, docs/*.md and infra/README.md says which job it configures with a
 marker on the line before it, `<!-- config: jobs.curate -->` (or `jobs.synthesize`, `jobs.encode`,
 `jobs.train`, `jobs.merge`, or `serve` for a Serve deployment file), and validates with that job's
 config class as the job itself loads it. A block that looks like a config and has no marker fails,
@@ -21,16 +21,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.common import load_config
 from jobs.curate import CurateConfig
 from jobs.encode import EncodeConfig
 from jobs.merge import MergeJobConfig
 from jobs.synthesize import SynthesizeConfig
 from jobs.train_config import TrainConfig
-from pipelines import storage as st
+from omniflow import storage as st
+from omniflow.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = (ROOT / "README.md", ROOT / "infra" / "README.md")
+DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "infra" / "README.md")
 JOB_CONFIGS = {
     "jobs.curate": CurateConfig,
     "jobs.synthesize": SynthesizeConfig,
@@ -152,7 +152,7 @@ def test_config_block_validates(block, no_storage):
 def test_a_marker_catches_a_wrong_block(tmp_path, no_storage):
     """The check fails where it should: a curation config with the shape the README once showed
     (scorer settings at the top of `clip`) does not validate, and an unmarked config is found."""
-    from jobs.common import ConfigError
+    from omniflow.config import ConfigError
 
     doc = tmp_path / "README.md"
     doc.write_text(
@@ -252,7 +252,7 @@ def subcommands(help_: str) -> set[str]:
 
 def test_docs_have_python_m_commands():
     modules = {c.module for c in doc_commands()}
-    assert {"jobs.curate", "jobs.train", "omniflow.toy", "serve"} <= modules, sorted(modules)
+    assert {"jobs.curate", "jobs.train", "shapesworld.toy", "serve"} <= modules, sorted(modules)
 
 
 def test_python_m_commands_name_real_modules_and_flags():

@@ -20,18 +20,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.common import ConfigError, load_config
 from jobs.encode import EncodeConfig, main, run
+from omniflow import storage as st
 from omniflow.codecs.autoencoder import new_autoencoder_kl
 from omniflow.codecs.media import MediaError
 from omniflow.codecs.mel import TOY_MEL
 from omniflow.codecs.text_vae_train import build_tiny_text_vae
+from omniflow.config import ConfigError, load_config
 from omniflow.modality import Modality
-from omniflow.shapesworld import make_records
-from omniflow.toy.codecs import load_toy_codecs
-from pipelines import storage as st
 from pipelines.latents import latent_layout, latents_to_tensors, read_latents
+from pipelines.manifest import adopt_parts
 from pipelines.schema import CURATED_SAMPLE, DROPPED_SAMPLE, SCHEMA_VERSION, TRIPLET_SAMPLE, conform
+from shapesworld import make_records
+from shapesworld.toy.codecs import load_toy_codecs
 
 ROWS = 480
 
@@ -82,8 +83,7 @@ def write_input(out: str, storage: st.StorageConfig, *, n: int = ROWS, parts: in
         st.write_parquet_atomic(conform(pa.Table.from_pylist(rows), schema), path, storage)
         all_rows += rows
         paths.append(path)
-    job, entry = ("synthesize", "triplets") if synthetic else ("curate", "curated")
-    st.write_bytes_atomic(st.join(out, "manifest.json"), json.dumps({"job": job, "outputs": {entry: paths}}).encode(), storage)
+    adopt_parts(out, paths, storage, job="synthesize" if synthetic else "curate")
     return all_rows
 
 
@@ -140,8 +140,7 @@ def uninterrupted(tmp_path_factory, codecs_dir, toy_clip, ray_cluster) -> tuple[
     text vectors: (settings, input rows, manifest)."""
     root = tmp_path_factory.mktemp("encode")
     rows = write_input(str(root / "curated"), st.StorageConfig(), n=ROWS, parts=4)
-    settings = {"input": str(root / "curated"), "output": str(root / "out"), "toy_codecs": str(codecs_dir),
-                "toy_pooled": str(toy_clip[0]), **SETTINGS}
+    settings = {"input": str(root / "curated"), "output": str(root / "out"), "codec_sets": [str(codecs_dir), str(toy_clip[0])], **SETTINGS}
     return settings, rows, run(EncodeConfig.model_validate(settings))
 
 
@@ -188,9 +187,9 @@ def test_pooled_vectors_are_the_encoders_own(uninterrupted, codecs_dir, toy_clip
     the same inputs the codecs read; a row without the modality holds zeros there."""
     from omniflow.codecs import build_codec
     from omniflow.codecs.pooled import pooled_inputs
-    from omniflow.toy.clip import toy_pooled_configs
+    from shapesworld.toy.clip import toy_pooled_configs
 
-    settings, rows, manifest = uninterrupted
+    _settings, rows, manifest = uninterrupted
     assert set(manifest["pooled"]) == {"image", "text", "audio"}
     table = pq.read_table(manifest["outputs"]["latents"])
     tensors = latents_to_tensors(table)
@@ -327,7 +326,7 @@ def test_stages_reject_bad_rows_with_their_reason(codecs_dir):
     from pipelines.encode import LatentEncoder, LatentPreprocess
     from pipelines.schema import tensor_column
 
-    config = EncodeConfig.model_validate({"input": "x", "output": "y", "toy_codecs": str(codecs_dir)}).encoding()
+    config = EncodeConfig.model_validate({"input": "x", "output": "y", "codec_sets": [str(codecs_dir)]}).encoding()
     rows = _rows(8, seed=0, synthetic=False)
     rows[2]["image"] = encode_image(np.full((4, 64, 3), 200, np.uint8))  # 16:1
     batch = conform(pa.Table.from_pylist(rows), CURATED_SAMPLE).select(["key", "source", "sample_id", "image", "caption",
@@ -353,20 +352,22 @@ def test_stages_reject_bad_rows_with_their_reason(codecs_dir):
 
 def test_bad_config_names_the_field(tmp_path, codecs_dir, capsys):
     base = [f"input={tmp_path}", f"output={tmp_path / 'out'}"]
-    with pytest.raises(ConfigError, match="codecs or toy_codecs"):
-        load_config(EncodeConfig, None, [*base, f"toy_codecs={codecs_dir}", "codecs={image: {kind: image-vae, path: x}}"])
+    sets = f"codec_sets=[{codecs_dir}]"
+    with pytest.raises(ConfigError, match="codecs.image is set both here and by codec set"):
+        load_config(EncodeConfig, None, [*base, sets, "codecs={image: {kind: image-vae, path: x}}"])
     with pytest.raises(ConfigError, match="codecs.image.kind"):
         load_config(EncodeConfig, None, [*base, "codecs={image: {kind: mel-vae, path: x}}"])
     with pytest.raises(ConfigError, match="pooled.audio needs codecs.audio"):
         load_config(EncodeConfig, None, [*base, "codecs={image: {kind: image-vae, path: x}}",
                                          "pooled={audio: {kind: clap-audio-pooled, path: x}}"])
     with pytest.raises(ConfigError, match="dtype"):
-        load_config(EncodeConfig, None, [*base, f"toy_codecs={codecs_dir}", "dtype=int8"])
-    with pytest.raises(ConfigError, match="has no codecs.json"):
-        load_config(EncodeConfig, None, [*base, f"toy_codecs={tmp_path}"])
-    with pytest.raises(ConfigError, match="toy_pooled: .* has no clip.json; build it with"):
-        load_config(EncodeConfig, None, [*base, f"toy_codecs={codecs_dir}", f"toy_pooled={tmp_path}"])
-    config = load_config(EncodeConfig, None, [*base, f"toy_codecs={codecs_dir}"])
+        load_config(EncodeConfig, None, [*base, sets, "dtype=int8"])
+    with pytest.raises(ConfigError, match="codec_sets: .* has no codecs.json: not a codec set directory"):
+        load_config(EncodeConfig, None, [*base, f"codec_sets=[{tmp_path}]"])
+    with pytest.raises(ConfigError, match="codec_sets"):
+        load_config(EncodeConfig, None, [*base, "codec_sets=3"])
+    config = load_config(EncodeConfig, None, [*base, sets])
+    assert set(config.codecs) == {Modality.IMAGE, Modality.TEXT, Modality.AUDIO} and not config.pooled
     assert EncodeConfig.model_validate(config.model_dump(mode="json")) == config  # as a manifest records it
     assert main([*base, "codecs={}"]) == 2
     assert "codecs" in capsys.readouterr().err

@@ -128,7 +128,7 @@ def test_near_duplicates_keep_the_best_of_each_group():
 
 
 def test_near_duplicates_in_clusters_match_the_exact_rule():
-    x, group = _planted_duplicates(60, 4, seed=2)
+    x, _group = _planted_duplicates(60, 4, seed=2)
     exact = near_duplicate_mask(x, threshold=0.95)
     clustered = near_duplicate_mask(x, threshold=0.95, cluster_size=40)
     assert exact.sum() == 60 * 3

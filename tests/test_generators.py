@@ -11,12 +11,14 @@ import torch
 from pydantic import ValidationError
 
 from omniflow.codecs.media import decode_audio, decode_image, encode_image
-from omniflow.shapesworld import make_records, read_audio, read_caption, read_image, read_layout
-from pipelines.generators import Failure, build_generator, fill_batch, row_seed, start_rows
+from pipelines.generators.base import Failure, row_seed
 from pipelines.generators.config import GeneratorsConfig
+from pipelines.generators.factory import build_generator
+from pipelines.generators.stage import fill_batch, start_rows
 from pipelines.schema import CURATED_SAMPLE, PROVENANCE, SCHEMA_VERSION
+from shapesworld import make_records, read_audio, read_caption, read_image, read_layout
 
-WORDS = "a an the of on in picture photo small big red blue green yellow cyan magenta circle square triangle".split()
+WORDS = ["a", "an", "the", "of", "on", "in", "picture", "photo", "small", "big", "red", "blue", "green", "yellow", "cyan", "magenta", "circle", "square", "triangle"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -153,12 +155,12 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     roberta = RobertaTokenizer(str(root / "roberta_vocab.json"), str(root / "roberta_merges.txt"), model_max_length=77)
     t5_tokenizer, t5 = _t5()
     clap = ClapModel(ClapConfig(
-        text_config=dict(vocab_size=len(symbols), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                         max_position_embeddings=80),
-        audio_config=dict(spec_size=64, window_size=4, num_mel_bins=64, intermediate_size=32, depths=[1, 1],
-                          num_attention_heads=[2, 2], num_hidden_layers=2, hidden_size=16, patch_size=2,
-                          patch_stride=2, patch_embed_input_channels=4),
+        text_config={"vocab_size": len(symbols), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+                         "max_position_embeddings": 80},
+        audio_config={"spec_size": 64, "window_size": 4, "num_mel_bins": 64, "intermediate_size": 32, "depths": [1, 1],
+                          "num_attention_heads": [2, 2], "num_hidden_layers": 2, "hidden_size": 16, "patch_size": 2,
+                          "patch_stride": 2, "patch_embed_input_channels": 4},
         projection_dim=16,
     ))
     AudioLDM2Pipeline(
@@ -193,12 +195,12 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *WORDS]
     vocab = {w: i for i, w in enumerate(words)}
     BlipForConditionalGeneration(BlipConfig(
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        text_config=dict(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, encoder_hidden_size=16, max_position_embeddings=32,
-                         bos_token_id=vocab["[DEC]"], pad_token_id=vocab["[PAD]"], sep_token_id=vocab["[SEP]"],
-                         eos_token_id=vocab["[SEP]"]),
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "image_size": 16, "patch_size": 8},
+        text_config={"vocab_size": len(words), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "encoder_hidden_size": 16, "max_position_embeddings": 32,
+                         "bos_token_id": vocab["[DEC]"], "pad_token_id": vocab["[PAD]"], "sep_token_id": vocab["[SEP]"],
+                         "eos_token_id": vocab["[SEP]"]},
         projection_dim=16,
     )).save_pretrained(root / "blip")
     BlipProcessor(

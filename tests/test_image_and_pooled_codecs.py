@@ -8,15 +8,15 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from transformers import (
+    ClapConfig,
+    ClapFeatureExtractor,
+    ClapModel,
     CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
-    ClapConfig,
-    ClapFeatureExtractor,
-    ClapModel,
 )
 
 from omniflow.codecs import build_codec, codec_kinds
@@ -167,10 +167,10 @@ def test_clip_image_pooled(clip_vision_dir):
 def clap_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("clap")
     config = ClapConfig(
-        text_config=dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=40),
-        audio_config=dict(hidden_size=16, patch_embeds_hidden_size=8, depths=[1, 1], num_attention_heads=[1, 2],
-                          window_size=4, spec_size=64, num_mel_bins=64, patch_stride=[4, 4], enable_fusion=False),
+        text_config={"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "intermediate_size": 32, "max_position_embeddings": 40},
+        audio_config={"hidden_size": 16, "patch_embeds_hidden_size": 8, "depths": [1, 1], "num_attention_heads": [1, 2],
+                          "window_size": 4, "spec_size": 64, "num_mel_bins": 64, "patch_stride": [4, 4], "enable_fusion": False},
         projection_dim=8,
     )
     ClapModel(config).save_pretrained(root)

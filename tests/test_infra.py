@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.common import load_config
 from jobs.curate import CurateConfig
 from jobs.encode import EncodeConfig
 from jobs.merge import MergeJobConfig
 from jobs.synthesize import SynthesizeConfig
 from jobs.train_config import TrainConfig
-from pipelines import storage as st
+from omniflow import storage as st
+from omniflow.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -122,11 +122,11 @@ def workdir() -> str:
 
 def built_dirs() -> list[str]:
     """Directories under the image's WORKDIR that the Dockerfile builds (gitignored, so not copied)."""
-    return re.findall(r"python -m omniflow\.toy build-\w+ --out ([^\s;&|]+)", " ".join(docker("RUN")))
+    return re.findall(r"python -m shapesworld\.toy build-\w+ --out ([^\s;&|]+)", " ".join(docker("RUN")))
 
 
 def ray_pin() -> str:
-    (version,) = re.findall(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M)
+    (version,) = re.findall(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.MULTILINE)
     return version
 
 
@@ -153,13 +153,12 @@ def runtime_envs() -> dict[str, dict]:
 
 
 @pytest.fixture
-def fake_toy_codecs(monkeypatch):
-    """Validation as on the cluster, without it. `toy_codecs` and `toy_pooled` name directories built
-    into the image, absent here: stand in for their codecs.json and clip.json and record which
-    directories the configs asked for. Validating a config must not touch storage (the s3:// paths
-    are the cluster's): any attempt fails."""
-    import omniflow.toy.clip
-    import omniflow.toy.codecs
+def fake_codec_sets(monkeypatch):
+    """Validation as on the cluster, without it. `codec_sets` name directories built into the
+    image, absent here: stand in for their codecs.json (the toy codecs' codecs, the toy CLIP's
+    pooled encoders) and record which directories the configs asked for. Validating a config must
+    not touch storage (the s3:// paths are the cluster's): any attempt fails."""
+    import jobs.encode
 
     def no_storage(path, *args, **kwargs):
         raise AssertionError(f"validating a config opened {path}")
@@ -167,19 +166,18 @@ def fake_toy_codecs(monkeypatch):
     monkeypatch.setattr(st, "filesystem", no_storage)
     asked = []
 
-    def toy_codec_configs(root):
+    def read_codec_set(root):
         asked.append(str(root))
-        return {"image": {"kind": "image-vae", "path": posixpath.join(str(root), "image_vae"), "resolution": 32},
-                "text": {"kind": "omniflow-text-vae", "path": posixpath.join(str(root), "text_vae")}}
+        if posixpath.basename(str(root).rstrip("/")) == "clip":
+            clip = {"path": str(root), "model_name": "shapesworld-clip", "config_file": "shapesworld-clip.json",
+                    "pretrained": "open_clip_model.safetensors", "pooled_dim": 64}
+            return {"codecs": {}, "pooled": {"image": {"kind": "open-clip-image-pooled", **clip},
+                                             "text": {"kind": "open-clip-text-pooled", **clip}}}
+        return {"codecs": {"image": {"kind": "image-vae", "path": posixpath.join(str(root), "image_vae"), "resolution": 32},
+                           "text": {"kind": "omniflow-text-vae", "path": posixpath.join(str(root), "text_vae")}},
+                "pooled": {}}
 
-    def toy_pooled_configs(root, pooled_dim=None):
-        asked.append(str(root))
-        clip = {"path": str(root), "model_name": "shapesworld-clip", "config_file": "shapesworld-clip.json",
-                "pretrained": "open_clip_model.safetensors", "pooled_dim": 64}
-        return {"image": {"kind": "open-clip-image-pooled", **clip}, "text": {"kind": "open-clip-text-pooled", **clip}}
-
-    monkeypatch.setattr(omniflow.toy.codecs, "toy_codec_configs", toy_codec_configs)
-    monkeypatch.setattr(omniflow.toy.clip, "toy_pooled_configs", toy_pooled_configs)
+    monkeypatch.setattr(jobs.encode, "read_codec_set", read_codec_set)
     return asked
 
 
@@ -444,7 +442,7 @@ def test_readme_waits_as_long_as_the_jobs_deadline():
     assert waits >= 1
 
 
-def test_stage3_fine_tunes_what_the_merge_writes(fake_toy_codecs):
+def test_stage3_fine_tunes_what_the_merge_writes(fake_codec_sets):
     """The stage-3 RayJob runs the stage-3 config, starts from the merge's output and keeps the
     config's recipe: only where things are (S3) and the cluster's scale change."""
     jobs = {job["metadata"]["name"]: shlex.split(job["spec"]["entrypoint"]) for job in of_kind("RayJob")}
@@ -465,13 +463,13 @@ def test_stage3_fine_tunes_what_the_merge_writes(fake_toy_codecs):
         assert mine == theirs, f"{name}: {field} differs from {STAGE3_CONFIG}"
 
 
-def test_rayjob_entrypoints_validate_with_their_jobs_configs(fake_toy_codecs):
+def test_rayjob_entrypoints_validate_with_their_jobs_configs(fake_codec_sets):
     configs = rayjob_configs()
     assert configs
-    assert fake_toy_codecs and all(d in built_dirs() for d in fake_toy_codecs)
+    assert fake_codec_sets and all(d in built_dirs() for d in fake_codec_sets)
 
 
-def test_train_jobs_keep_their_configs_datasets(fake_toy_codecs):
+def test_train_jobs_keep_their_configs_datasets(fake_codec_sets):
     """The datasets override moves each dataset to S3 and changes nothing else of the recipe."""
     for job in of_kind("RayJob"):
         tokens = shlex.split(job["spec"]["entrypoint"])
@@ -488,7 +486,7 @@ def exported(train: TrainConfig) -> str:
     return train.export.path or st.join(train.run_dir, "model")
 
 
-def test_the_jobs_chain_through_one_bucket_into_the_served_model(fake_toy_codecs):
+def test_the_jobs_chain_through_one_bucket_into_the_served_model(fake_codec_sets):
     by_job: dict[str, list] = {}
     for name, config in rayjob_configs().values():
         by_job.setdefault(name, []).append(config)
@@ -605,7 +603,7 @@ def readme_commands() -> list[str]:
     variables assigned in the block substituted."""
     text = (INFRA / "README.md").read_text()
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
         variables: dict[str, str] = {}
         for line in block.replace("\\\n", " ").splitlines():
             tokens = shlex.split(line, comments=True)
@@ -613,11 +611,11 @@ def readme_commands() -> list[str]:
                 key, value = tokens[0].split("=", 1)
                 variables[key] = value
             elif tokens:
-                commands.append(re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: variables[m.group(1)], line))
+                commands.append(re.sub(r"\$\{?([A-Z_]+)\}?", lambda m, v=variables: v[m.group(1)], line))
     return commands
 
 
-def test_readme_commands_name_what_exists(fake_toy_codecs):
+def test_readme_commands_name_what_exists(fake_codec_sets):
     names = {kind: {d["metadata"]["name"] for d in of_kind(kind)} for kind in ("RayCluster", "RayJob", "RayService")}
     secret = the_one("Secret")
     submitted = 0

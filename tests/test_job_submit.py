@@ -1,10 +1,10 @@
-"""The path users take to a cluster: `ray start --head`, then the README's `ray job submit` lines.
+"""The path users take to a cluster: `ray start --head`, then the docs' `ray job submit` lines.
 
 `ray job submit --working-dir .` runs a job in a temporary copy of the checkout without what
-.gitignore lists (runs/): the README's lines give every path under runs/ as `$RUNS/...` with
+.gitignore lists (runs/): the docs' lines give every path under runs/ as `$RUNS/...` with
 `RUNS=$PWD/runs`, so the job reads the toy models from, and writes its output to, the checkout.
 The curation line runs here as written, with RUNS pointed at a temporary directory (the one
-substitution the README's block makes itself); the other lines are checked to have its shape.
+substitution the docs' block makes itself); the other lines are checked to have its shape.
 """
 
 import json
@@ -23,7 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-README = ROOT / "README.md"
+DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 DATA_JOBS = ("jobs.curate", "jobs.synthesize", "jobs.encode")
 
 
@@ -33,13 +33,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-# ---- the README's lines -------------------------------------------------------------------------
+# ---- the docs' lines -------------------------------------------------------------------------
 
 
 def readme_submissions() -> dict[str, tuple[str, dict[str, str]]]:
-    """module -> (its `ray job submit` line of README.md, continuation lines joined; the shell
+    """module -> (its `ray job submit` line of the docs, continuation lines joined; the shell
     variables its block assigns before it)."""
-    text = README.read_text()
+    text = "\n".join(doc.read_text() for doc in DOCS)
     out = {}
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL):
         variables: dict[str, str] = {}
@@ -87,7 +87,12 @@ def test_readme_submissions_read_and_write_the_checkouts_runs():
         under_runs = {k: v for k, v in flat(config).items() if isinstance(v, str) and v.startswith("runs/")}
         assert under_runs, f"{config_file} names nothing under runs/: this check has nothing to check"
         for key, value in under_runs.items():
-            assert overrides.get(key) == "$RUNS/" + value.removeprefix("runs/"), f"{module}: {key} ({value}) in {line}"
+            given = overrides.get(key)
+            parent, _, index = key.rpartition(".")
+            if given is None and index.isdigit() and parent in overrides:  # a list's item: the whole list is given
+                items = yaml.safe_load(overrides[parent])
+                given = items[int(index)] if isinstance(items, list) and int(index) < len(items) else None
+            assert given == "$RUNS/" + value.removeprefix("runs/"), f"{module}: {key} ({value}) in {line}"
         for key, value in overrides.items():
             assert "runs/" not in value or value.startswith("$RUNS/"), f"{module}: {key}={value} is relative"
 
@@ -145,7 +150,7 @@ def head_node():
              "--disable-usage-stats"]
     try:
         subprocess.run(start, env=env, cwd=ROOT, check=True, capture_output=True, timeout=180)
-        # how the README's lines reach it: RAY_ADDRESS names the Jobs API of a cluster not on 8265
+        # how the docs' lines reach it: RAY_ADDRESS names the Jobs API of a cluster not on 8265
         yield {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     finally:
         stop_cluster(temp_dir, gcs)
@@ -166,7 +171,7 @@ def test_readme_curation_runs_as_a_ray_job(head_node, toy_clip, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout
 
-    # the output is where the README's $RUNS/... says, after the job's own directory is gone
+    # the output is where the docs' $RUNS/... says, after the job's own directory is gone
     output = runs / "shapesworld" / "curated"
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["config"]["output"] == str(output)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import storage as st
+from omniflow import storage as st
 from pipelines.encode import to_storage
 from pipelines.latents import latent_layout, latents_to_tensors, read_latents, tensor_from_column
 from pipelines.schema import SCHEMA_VERSION, latent_sample_schema, tensor_column

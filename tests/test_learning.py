@@ -8,13 +8,13 @@ import torch
 
 from omniflow.codecs import build_codec
 from omniflow.modality import Modality
-from omniflow.toy.clip import toy_pooled_configs
-from omniflow.toy.codecs import load_toy_codecs, toy_codec_configs
-from omniflow.toy.learning import LearningConfig, encode_scenes, train
+from shapesworld.toy.clip import toy_pooled_configs
+from shapesworld.toy.codecs import load_toy_codecs, toy_codec_configs
+from shapesworld.toy.learning import LearningConfig, encode_scenes, train
 
 # chance: colour 1/6, shape 1/3, both 1/18. Measured on 2 cores with these seeds: colour 0.92,
 # shape 0.99, both 0.92 (a 400-step run of the benchmark: 0.81 both at step 200, and 0.67 at step
-# 300 without the pooled vector; README's quality section).
+# 300 without the pooled vector; docs/demo.md's quality section).
 FLOORS = {"colour": 0.8, "shape": 0.8, "both": 0.7}
 
 
@@ -42,8 +42,8 @@ def test_a_short_run_learns_colour_and_shape(learnt):
 
 
 def test_a_concept_split_keeps_held_out_concepts_out_of_training():
-    from omniflow.shapesworld.concepts import all_concepts
-    from omniflow.toy.learning import training_rows
+    from shapesworld.concepts import all_concepts
+    from shapesworld.toy.learning import training_rows
 
     concepts = list(all_concepts()) * 3
     scenes = {"concepts": concepts}
@@ -60,7 +60,7 @@ def test_a_concept_split_keeps_held_out_concepts_out_of_training():
 def test_batches_carry_the_pooled_vectors_an_arm_asks_for():
     import numpy as np
 
-    from omniflow.toy.learning import sample_batch
+    from shapesworld.toy.learning import sample_batch
 
     scenes = {"latents": {"image": torch.arange(10.0).view(10, 1), "text": torch.zeros(10, 1)},
               "pooled": {"image": torch.arange(10.0).view(10, 1) * 2, "text": torch.ones(10, 1)}}

@@ -8,8 +8,9 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from jobs.common import load_config
 from jobs.merge import MergeJobConfig, main
+from omniflow import storage as st
+from omniflow.config import load_config
 from omniflow.ema import EMA
 from omniflow.merge import (
     MergeConfig,
@@ -20,12 +21,17 @@ from omniflow.merge import (
     task_arithmetic,
     weighted_average,
 )
-from omniflow.model_dir import load_model_dir, read_model_info, save_model_dir, save_training_checkpoint, transformer_config
+from omniflow.model_dir import (
+    load_model_dir,
+    read_model_info,
+    save_model_dir,
+    save_training_checkpoint,
+    transformer_config,
+)
 from omniflow.objective import flow_loss
 from omniflow.presets import build_transformer
 from omniflow.sampling import generate
 from omniflow.tasks import get_task
-from pipelines import storage as st
 
 STREAMS = ("image", "text", "audio")
 SHAPES = {"image": (4, 8, 8), "text": (4, 16), "audio": (4, 16, 8)}

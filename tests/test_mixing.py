@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from omniflow.modality import Modality
-from pipelines.mixing import DatasetSpec, MixedBatches, Stream, presence, stream_weights, task_choice, to_batch
+from pipelines.mixing import (
+    DatasetSpec,
+    MixedBatches,
+    Stream,
+    presence,
+    stream_weights,
+    task_choice,
+    to_batch,
+)
 from pipelines.schema import LATENT_STORAGE, latent_column, latent_sample_schema, tensor_column
 
 I, T, A = Modality.IMAGE, Modality.TEXT, Modality.AUDIO

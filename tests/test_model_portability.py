@@ -24,15 +24,15 @@ import requests
 import torch
 import yaml
 
+from omniflow import storage as st
 from omniflow.model_dir import save_model_dir
 from omniflow.pipeline import OmniFlowPipeline
 from omniflow.presets import build_transformer
-from omniflow.shapesworld import make_records
 from omniflow.tasks import BUILTIN_TASKS
-from omniflow.toy.clip import toy_pooled_configs
-from omniflow.toy.codecs import toy_codec_configs
-from pipelines import storage as st
 from serve.client import Client
+from shapesworld import make_records
+from shapesworld.toy.clip import toy_pooled_configs
+from shapesworld.toy.codecs import toy_codec_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"image": [4, 8, 8], "text": [8, 32], "audio": [4, 32, 16]}  # the toy codecs' latents
@@ -110,7 +110,7 @@ def test_absent_modalities_follow_the_directory(moved_model, tmp_path):
     for path, streams in ((moved_model, {"image", "text", "audio"}), (skipping, {"image", "text"})):
         runner = AnyToAny.load(path)
         seen = []
-        runner.model.register_forward_pre_hook(lambda mod, args: seen.append(set(args[0])))
+        runner.model.register_forward_pre_hook(lambda mod, args, seen=seen: seen.append(set(args[0])))
         inputs = InputPreparer(runner.info["codecs"])(text="a red circle")
         runner.run([Prepared(task="t2i", inputs=inputs, params=SamplingParams(steps=2))])
         assert seen == [streams] * 2, path
@@ -170,7 +170,7 @@ def test_serve_run_with_the_shipped_config(moved_model, tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths are length-limited
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path / "serve.log", "w")
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 (the server writes to it until the test stops it)
     process = subprocess.Popen([shutil.which("serve", path=os.path.dirname(sys.executable)), "run", "config.yaml"],
                                cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -236,10 +236,10 @@ def _processes_of(pid: int, temp_dir: str) -> list[psutil.Process]:
 def test_the_rayservice_config_is_what_serve_accepts(moved_model):
     """The RayService's serveConfigV2 parses as Serve's deploy schema, and its import path builds
     through Serve's own builder call (the one `serve run` and `serve deploy` make)."""
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve.schema import ServeDeploySchema
     from ray._common.utils import import_attr
     from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
 
     manifest = yaml.safe_load((ROOT / "infra" / "kuberay" / "rayservice.yaml").read_text())
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])

@@ -64,7 +64,7 @@ def test_generate_shapes_for_every_task(tiny_model):
 
 
 def test_generate_is_deterministic_under_a_generator(tiny_model):
-    kwargs = dict(conditions={"text": _cond(T)}, target_shapes={"image": SHAPES[I]}, steps=4, guidance=3.0)
+    kwargs = {"conditions": {"text": _cond(T)}, "target_shapes": {"image": SHAPES[I]}, "steps": 4, "guidance": 3.0}
     a = generate(tiny_model, "t2i", generator=torch.Generator().manual_seed(7), **kwargs)
     b = generate(tiny_model, "t2i", generator=torch.Generator().manual_seed(7), **kwargs)
     c = generate(tiny_model, "t2i", generator=torch.Generator().manual_seed(8), **kwargs)
@@ -101,7 +101,7 @@ def test_branches_replace_dropped_conditions_with_noise_at_t1(tiny_model):
 
 
 def test_guidance_one_equals_unguided(tiny_model):
-    kwargs = dict(conditions={"text": _cond(T)}, target_shapes={"image": SHAPES[I]}, steps=3)
+    kwargs = {"conditions": {"text": _cond(T)}, "target_shapes": {"image": SHAPES[I]}, "steps": 3}
     a = generate(tiny_model, "t2i", guidance=1.0, generator=torch.Generator().manual_seed(0), **kwargs)
     b = generate(tiny_model, "t2i", guidance={"text": 1.0}, generator=torch.Generator().manual_seed(0), **kwargs)
     torch.testing.assert_close(a[I], b[I])

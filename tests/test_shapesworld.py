@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from omniflow.codecs.media import MediaError, decode_audio, decode_image, encode_audio
-from omniflow.shapesworld import (
+from shapesworld import (
     COLOURS,
     DEFECTS,
     POSITIONS,
@@ -225,7 +225,7 @@ def test_image_checker_survives_noise_and_resize(batch):
     assert accuracy["both"] >= 0.99, accuracy
 
 
-MEL = dict(sr=16000, n_fft=1024, fmin=0, fmax=8000)  # AudioLDM2's front end, with 64 mel bins
+MEL = {"sr": 16000, "n_fft": 1024, "fmin": 0, "fmax": 8000}  # AudioLDM2's front end, with 64 mel bins
 
 
 def test_audio_checker_survives_a_mel_griffin_lim_round_trip():

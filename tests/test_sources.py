@@ -12,20 +12,20 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from omniflow.shapesworld.defects import make_records
-from pipelines import storage as st
+from omniflow import storage as st
 from pipelines.schema import SCORED_SAMPLE
 from pipelines.sources import (
     READ_SAMPLE,
     FolderSource,
     ParquetSource,
-    ShapesWorldSource,
     WebDatasetSource,
     list_shards,
     parse_source,
     read_shard,
     read_sources,
 )
+from shapesworld.defects import make_records
+from shapesworld.source import ShapesWorldSource
 
 LOCAL = st.StorageConfig()
 

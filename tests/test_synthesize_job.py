@@ -14,17 +14,20 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from jobs.common import ConfigError, load_config
 from jobs.curate import CurateConfig
 from jobs.curate import run as curate
 from jobs.synthesize import SynthesizeConfig, main, run
+from omniflow import storage as st
 from omniflow.codecs.media import decode_audio, decode_image
-from omniflow.shapesworld import make_records, read_audio, read_caption, read_image
-from pipelines import storage as st
-from pipelines.generators import build_generator, fill_batch, row_seed, start_rows
+from omniflow.config import ConfigError, load_config
+from pipelines.generators.base import row_seed
 from pipelines.generators.config import GeneratorsConfig
+from pipelines.generators.factory import build_generator
+from pipelines.generators.stage import fill_batch, start_rows
+from pipelines.manifest import adopt_parts
 from pipelines.schema import CURATED_SAMPLE, DROPPED_SAMPLE, SCHEMA_VERSION, TRIPLET_SAMPLE
 from pipelines.writer import read_parts
+from shapesworld import checks, make_records, read_audio, read_caption, read_image
 
 RENDERER = {"type": "shapesworld", "resources": {"batch_size": 16, "concurrency": 1, "num_cpus": 0.5}}
 GENERATORS = {"caption": RENDERER, "image": RENDERER, "audio": RENDERER}
@@ -49,7 +52,7 @@ def _curated_input(root: str, rows: list[dict], storage: st.StorageConfig, *, pe
     for i in range(0, table.num_rows, per_part):
         parts.append(st.join(root, "curated", "run", f"part-{i:05d}.parquet"))
         st.write_parquet_atomic(table.slice(i, per_part), parts[-1], storage)
-    st.write_bytes_atomic(st.join(root, "manifest.json"), json.dumps({"job": "curate", "outputs": {"curated": parts}}).encode(), storage)
+    adopt_parts(root, parts, storage)
     return root
 
 
@@ -73,7 +76,9 @@ def test_shapesworld_pairs_become_triplets(tmp_path, ray_cluster):
     for name, counts in manifest["counts"].items():
         assert counts["input"] == SAMPLES == counts["kept"] + counts["rejected"] and counts["rejected"] == 0
         assert counts["generated"] == {m: SAMPLES * (m in missing[name]) for m in ("image", "caption", "audio")}
-    assert all(v["agreement"] == 1.0 and v["generated"] == SAMPLES for v in manifest["semantics"].values())
+    agreement = checks.synthesis(str(tmp_path / "out"))
+    assert set(agreement) == {"image", "caption", "audio"}
+    assert all(v["agreement"] == 1.0 and v["generated"] == SAMPLES for v in agreement.values())
 
     table = _triplets(manifest)
     assert table.schema.equals(TRIPLET_SAMPLE, check_metadata=False)
@@ -261,4 +266,7 @@ def test_bad_config_or_input_exits_2(tmp_path, capsys):
     assert "no manifest.json" in capsys.readouterr().err
     (tmp_path / "manifest.json").write_text(json.dumps({"job": "encode", "outputs": {}}))
     assert main(["--config", "configs/synthesize_shapesworld.yaml", f"input={tmp_path}", f"output={tmp_path}/o"]) == 2
-    assert "not a curate job's manifest" in capsys.readouterr().err
+    assert "is not a job manifest this version reads" in capsys.readouterr().err
+    adopt_parts(str(tmp_path), [], st.StorageConfig(), job="synthesize")  # a whole manifest, of another job
+    assert main(["--config", "configs/synthesize_shapesworld.yaml", f"input={tmp_path}", f"output={tmp_path}/o"]) == 2
+    assert "is a synthesize job's manifest; expected curate" in capsys.readouterr().err

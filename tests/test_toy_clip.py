@@ -11,15 +11,15 @@ from safetensors.torch import load_file
 from omniflow.codecs.media import decode_image
 from omniflow.scoring.aesthetic import LAION_KEYS, load_aesthetic_head
 from omniflow.scoring.clip import load_clip
-from omniflow.shapesworld import make_records
-from omniflow.toy.clip import (
+from pipelines.scorers import ClipScoringConfig, add_clip_scoring
+from shapesworld import make_records
+from shapesworld.toy.clip import (
     ToyClipConfig,
     build_toy_clip,
     clip_separation,
     main_build_clip,
     toy_scoring_configs,
 )
-from pipelines.scorers import ClipScoringConfig, add_clip_scoring
 
 TINY = {
     "train_samples": 40, "defect_samples": 8, "eval_samples": 10, "steps": 2, "batch_size": 8,
@@ -126,12 +126,14 @@ def test_toy_clip_as_pooled_encoders(toy_clip):
     """The toy CLIP's image and text towers as pooled-vector encoders (the open-clip-*-pooled
     kinds): zero-padded to the pooled width, images closest to captions of their concept, the image
     vector equal to the scorer's embedding of the same pixels."""
-    from omniflow.codecs import build_codec
+    from omniflow.codecs import build_codec, read_codec_set
     from omniflow.modality import Modality
-    from omniflow.toy.clip import toy_pooled_configs
+    from shapesworld.toy.clip import toy_pooled_configs
 
     out, _ = toy_clip
     assert toy_pooled_configs(out)[Modality.IMAGE]["pooled_dim"] == 64  # the CLIP's own width
+    # the build is a codec set: what a job's `codec_sets` reads is what toy_pooled_configs gives
+    assert read_codec_set(out) == {"codecs": {}, "pooled": {m.value: c for m, c in toy_pooled_configs(out).items()}}
     configs = toy_pooled_configs(out, 80)
     image, text = build_codec(configs[Modality.IMAGE]), build_codec(configs[Modality.TEXT])
     assert (image.modality, text.modality) == (Modality.IMAGE, Modality.TEXT)
@@ -160,7 +162,7 @@ def test_audio_tower_vectors_sit_in_the_text_space(toy_clip):
     from omniflow.codecs import build_codec
     from omniflow.codecs.media import decode_audio, resample
     from omniflow.modality import Modality
-    from omniflow.toy.clip import toy_pooled_configs
+    from shapesworld.toy.clip import toy_pooled_configs
 
     out, manifest = toy_clip
     assert manifest["audio_tower_eval"]["auc"] > 0.95

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from omniflow.modality import Modality
-from omniflow.toy.codecs import ToyCodecsConfig, build_toy_codecs, load_toy_codecs
-from omniflow.toy.pool import build_pool
+from shapesworld.toy.codecs import ToyCodecsConfig, build_toy_codecs, load_toy_codecs
+from shapesworld.toy.pool import build_pool
 
 TINY = {"train_samples": 40, "eval_samples": 6, "image": {"steps": 3}, "audio": {"steps": 3}, "text": {"steps": 3}}
 
@@ -79,8 +79,8 @@ def test_cli_builds_and_prints_accuracy(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(json.dumps(TINY))  # JSON is YAML
     result = subprocess.run(
-        [sys.executable, "-m", "omniflow.toy", "build-codecs", "--out", str(tmp_path / "c"), "--config", str(config)],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "shapesworld.toy", "build-codecs", "--out", str(tmp_path / "c"), "--config", str(config)],
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "round trip concept" in result.stdout
@@ -88,7 +88,7 @@ def test_cli_builds_and_prints_accuracy(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("image: {steps: -1}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "omniflow.toy", "build-codecs", "--out", str(tmp_path / "d"), "--config", str(bad)],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "shapesworld.toy", "build-codecs", "--out", str(tmp_path / "d"), "--config", str(bad)],
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 2 and "steps" in result.stderr

@@ -3,6 +3,7 @@ checkpoints and export, S3 storage (logs included), --resume, validation rows fr
 recovery from a killed worker."""
 
 import json
+import math
 import os
 import signal
 import struct
@@ -20,10 +21,10 @@ from tensorboardX.proto.event_pb2 import Event
 from jobs.train import main, run
 from jobs.train_config import TrainConfig
 from jobs.train_logs import read_metrics
+from omniflow import storage as st
 from omniflow.model_dir import load_model_dir, read_model_info
 from omniflow.presets import get_preset
 from omniflow.sampling import generate
-from pipelines import storage as st
 from pipelines.synthetic_latents import write_latent_dataset
 
 SHAPES = {m.value: s for m, s in get_preset("tiny").latent_shapes().items()}
@@ -80,7 +81,8 @@ def test_ddp_on_two_workers_with_metrics_checkpoints_and_export(tmp_path, latent
     assert [m["step"] for m in metrics] == [5, 10, 15, 20]
     assert metrics[-1]["val/loss"] < metrics[1]["val/loss"]
     assert {"loss/image", "loss/text", "loss/audio", "task/t2i", "task/a2t", "val/loss", "val/loss_t0.5",
-            "val/ema_loss", "samples_per_s", "data_wait_share"} <= set(metrics[-1])
+            "val/ema_loss", "samples_per_s", "data_wait_share", "grad_norm"} <= set(metrics[-1])
+    assert all(math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in metrics)
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 1  # keep: 1
     assert manifest["stream_weights"] == pytest.approx({"images.it": 2 / 3, "sounds.at": 1 / 3})

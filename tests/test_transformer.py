@@ -121,7 +121,7 @@ def test_conditioning_modes_differ_and_split_isolates_timesteps():
         other = {**times, A: 1 - times[A]}
         for model, same in ((joint, False), (split, True)):
             seen = []
-            h = model.image_norm_out.register_forward_pre_hook(lambda mod, args: seen.append(args[1]))
+            h = model.image_norm_out.register_forward_pre_hook(lambda mod, args, seen=seen: seen.append(args[1]))
             model(latents, times, pooled)
             model(latents, other, pooled)
             h.remove()

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines import storage as st
+from omniflow import storage as st
 from pipelines.writer import Deduplicated, committed_parts, deduplicate_parts, read_parts
 
 TENSOR = pa.fixed_shape_tensor(pa.float32(), [2, 2])

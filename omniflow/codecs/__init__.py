@@ -7,7 +7,9 @@ from omniflow.codecs.base import (
     codec_config,
     codec_kinds,
     load_pretrained,
+    read_codec_set,
     register_codec,
 )
 
-__all__ = ["Codec", "CodecConfig", "build_codec", "codec_config", "codec_kinds", "load_pretrained", "register_codec"]
+__all__ = ["Codec", "CodecConfig", "build_codec", "codec_config", "codec_kinds", "load_pretrained", "read_codec_set",
+           "register_codec"]

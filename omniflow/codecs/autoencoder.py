@@ -151,7 +151,7 @@ class LatentNorm:
 
     def _per_channel(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1) + (1,) * (like.ndim - 2)
-        as_tensor = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(shape)  # noqa: E731
+        as_tensor = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(shape)
         return as_tensor(self.mean), as_tensor(self.std)
 
     def normalise(self, z: torch.Tensor) -> torch.Tensor:

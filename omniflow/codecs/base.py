@@ -7,8 +7,10 @@ the registry and whose `path` names a local directory or a hub id; loading respe
 """
 
 import importlib
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from omniflow.modality import Modality
 
 DType = Literal["float32", "float16", "bfloat16"]
+CODEC_SET = "codecs.json"  # the index of a codec set directory
 
 
 class CodecConfig(BaseModel):
@@ -100,8 +103,36 @@ def register_codec(kind: str) -> Callable[[type], type]:
     return add
 
 
-def codec_kinds() -> list[str]:
-    return sorted(set(_REGISTRY) | set(_BUILTIN))
+def codec_kinds(modality: Modality | None = None, *, pooled: bool | None = None) -> list[str]:
+    """Every registered kind; with `modality` only its codecs (`pooled=False`) or pooled encoders
+    (`pooled=True`), which imports every kind's module to ask."""
+    kinds = sorted(set(_REGISTRY) | set(_BUILTIN))
+    if modality is None:
+        return kinds
+    return [k for k in kinds if _role(codec_class(k)) == (modality, bool(pooled))]
+
+
+def _role(cls: type) -> tuple[Modality, bool]:
+    """(modality, whether it is a pooled encoder) of a registered class."""
+    from omniflow.codecs.pooled import PooledEncoder
+
+    return cls.modality, issubclass(cls, PooledEncoder)
+
+
+def codec_config_for(modality: Modality, config: CodecConfig | dict, *, pooled: bool = False) -> CodecConfig:
+    """`codec_config`, with the kind required to be a codec (or with `pooled`, a pooled encoder)
+    of `modality`; the error names the setting (`codecs.image.kind`) and the kinds that fit."""
+    raw = config.model_dump() if isinstance(config, BaseModel) else dict(config)
+    kind = raw.get("kind")
+    try:
+        cls = codec_class(kind)
+    except ValueError:
+        cls = None
+    if cls is None or _role(cls) != (modality, pooled):
+        what = "pooled" if pooled else "codecs"
+        raise ValueError(f"{what}.{modality.value}.kind must be one of "
+                         f"{codec_kinds(modality, pooled=pooled)}, got {kind!r}")
+    return cls.config_class.model_validate(raw)
 
 
 def codec_class(kind: Any) -> type:
@@ -124,7 +155,7 @@ def build_codec(config: CodecConfig | dict) -> Any:
     """Validate a codec config (a dict from YAML, or a config object) and load the codec.
 
     Example:
-        >>> codec = build_codec({"kind": "sd3-vae", "path": "stabilityai/stable-diffusion-3-medium-diffusers",
+        >>> codec = build_codec({"kind": "image-vae", "path": "stabilityai/stable-diffusion-3-medium-diffusers",
         ...                      "subfolder": "vae", "resolution": 512})
     """
     config = codec_config(config)
@@ -147,3 +178,22 @@ def load_pretrained(loader: Callable[..., Any], path: str, *, subfolder: str | N
             f"cannot load a checkpoint from {where}: not a local model directory, and not a hub id "
             f"available offline. Cause: {err}"
         ) from err
+
+
+def read_codec_set(root: str | Path) -> dict[str, dict[str, dict]]:
+    """The codec configs a codec set directory lists: `root/codecs.json` holds
+    `{"codecs": {modality: config}, "pooled": {modality: config}}` (either part may be absent)
+    with each `path` relative to `root`; they come back with absolute paths, ready for
+    `build_codec` or a job's `codecs` / `pooled` settings.
+
+    Example:
+        >>> read_codec_set("runs/toy/codecs")["codecs"]["image"]["kind"]
+        'image-vae'
+    """
+    root = Path(root).resolve()
+    index = root / CODEC_SET
+    if not index.is_file():
+        raise ValueError(f"{root} has no {CODEC_SET}: not a codec set directory")
+    listed = json.loads(index.read_text())
+    return {part: {m: {**c, "path": str(root / c["path"])} for m, c in listed.get(part, {}).items()}
+            for part in ("codecs", "pooled")}

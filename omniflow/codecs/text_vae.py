@@ -111,7 +111,7 @@ class DecoderTargets:
 def check_texts(texts: Sequence[str]) -> list[str]:
     """A batch of captions as a list; a bare string or a non-string item is a user error."""
     if isinstance(texts, str):
-        raise ValueError("texts must be a list of strings, got a single string; wrap it in a list")
+        raise ValueError("texts must be a list of strings, got a single string; wrap it in a list")  # noqa: TRY004 (callers answer ValueError as bad input)
     texts = list(texts)
     bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
     if bad:

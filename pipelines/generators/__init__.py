@@ -1,23 +1,20 @@
 """Generators that fill a curated row's missing modality, and their Ray Data stage.
 
 Text-to-image (`sd3`, `flux`: diffusers), text-to-audio (`audioldm2`: diffusers), captioning
-(`image-to-text`: transformers) and, for the ShapesWorld toy domain, the renderer (`shapesworld`)
-standing in for all three. Every output records its provenance (generator, checkpoint, seed,
-parameters); the same seed gives the same bytes. The job-side configs, with each stage's
-resources, are in `pipelines.generators.config`.
+(`image-to-text`: transformers), and the types installed packages add (`pipelines.plugins`; the
+toy domain's renderer, `shapesworld`, stands in for all three). Every output records its
+provenance (generator, checkpoint, seed, parameters); the same seed gives the same bytes.
 
-    >>> from pipelines.generators import build_generator
-    >>> captioner = build_generator("caption", {"type": "shapesworld"})
+- `base`: the interface, per-row seeds, provenance;
+- `factory`: settings by `type` and `build_generator`;
+- `config`: the job-side configs, with each stage's resources;
+- `stage`: the Ray Data stage (`GenerateStage`, `fill_batch`, `start_rows`).
+
+This package's own import loads nothing, so that a plugin importing `base` never runs the
+factory's plugin discovery half-way through its own import.
+
+    >>> from pipelines.generators.factory import build_generator
+    >>> captioner = build_generator("caption", {"type": "image-to-text", "path": "Salesforce/blip-image-captioning-large"})
     >>> captioner.generate([png_bytes], seeds=[0])
-    ['a small red circle in the top left']
+    ['a red circle on a white background']
 """
-
-from pipelines.generators.base import MODALITIES, SOURCE_OF, Failure, Generator, GeneratorSettings, row_seed
-from pipelines.generators.factory import TYPES, Settings, build_generator, parse_settings
-from pipelines.generators.stage import ORDER, REJECT_REASON, SYNTHESIS_SAMPLE, GenerateStage, fill_batch, start_rows
-
-__all__ = [
-    "MODALITIES", "ORDER", "REJECT_REASON", "SOURCE_OF", "SYNTHESIS_SAMPLE", "TYPES", "Failure", "GenerateStage",
-    "Generator", "GeneratorSettings", "Settings", "build_generator", "fill_batch", "parse_settings", "row_seed",
-    "start_rows",
-]

@@ -19,9 +19,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from pipelines.schema import MEDIA_COLUMNS, MediaName
+
 # The columns a generator can fill, as `pipelines.schema.TRIPLET_SAMPLE` names them.
-ModalityName = Literal["image", "caption", "audio"]
-MODALITIES: tuple[ModalityName, ...] = ("image", "caption", "audio")
+ModalityName = MediaName
+MODALITIES: tuple[ModalityName, ...] = MEDIA_COLUMNS
 # What each modality is generated from: captions from images, image and audio from captions.
 SOURCE_OF: dict[str, str] = {"caption": "image", "image": "caption", "audio": "caption"}
 DType = Literal["float32", "float16", "bfloat16"]

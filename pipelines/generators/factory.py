@@ -1,35 +1,44 @@
 """Generator settings by `type`, and the factory that loads a generator from them.
 
-Light to import (no model library until a model generator is built), so that an actor running the
-ShapesWorld renderer starts fast.
+The built-in types, then those installed packages provide (`pipelines.plugins`). Light to import
+(no model library until a model generator is built), so that an actor running a light generator
+starts fast.
 
-    >>> gen = build_generator("audio", {"type": "shapesworld", "audio_format": "WAV"})
-    >>> gen.name, gen.modality
-    ('shapesworld-renderer', 'audio')
+    >>> gen = build_generator("caption", {"type": "image-to-text", "path": "Salesforce/blip-image-captioning-large"})
+    >>> gen.modality
+    'caption'
 """
 
-from typing import Annotated
+from typing import Annotated, Union
 
 from pydantic import BaseModel, Field, TypeAdapter
 
+from pipelines import plugins
 from pipelines.generators.base import Generator, ModalityName
 from pipelines.generators.captioning import CaptionerSettings, ImageCaptioner
-from pipelines.generators.shapesworld import ShapesWorldGenerator, ShapesWorldSettings
 from pipelines.generators.text_to_audio import AudioLDM2Settings, TextToAudio
 from pipelines.generators.text_to_image import FluxSettings, SD3Settings, TextToImage
 from pipelines.resources import resolve_device
 
-Settings = Annotated[
-    ShapesWorldSettings | SD3Settings | FluxSettings | AudioLDM2Settings | CaptionerSettings,
-    Field(discriminator="type"),
-]
+BUILTIN = (SD3Settings, FluxSettings, AudioLDM2Settings, CaptionerSettings)
+PLUGINS = plugins.load(plugins.GENERATORS)
+Settings = Annotated[Union[*BUILTIN, *PLUGINS], Field(discriminator="type")]
 _SETTINGS = TypeAdapter(Settings)
+
+
+def _type(settings: type[BaseModel]) -> str:
+    return settings.model_fields["type"].default
+
+
 # The generator types that can fill each modality.
 TYPES: dict[str, tuple[str, ...]] = {
-    "image": ("shapesworld", "sd3", "flux"),
-    "audio": ("shapesworld", "audioldm2"),
-    "caption": ("shapesworld", "image-to-text"),
+    "image": ("sd3", "flux"),
+    "audio": ("audioldm2",),
+    "caption": ("image-to-text",),
 }
+for _plugin in PLUGINS:
+    for _modality in _plugin.fills:
+        TYPES[_modality] += (_type(_plugin),)
 
 
 def parse_settings(settings: dict | BaseModel) -> Settings:
@@ -48,9 +57,9 @@ def build_generator(modality: ModalityName, settings: dict | BaseModel, *, devic
     settings = parse_settings(settings)
     if settings.type not in TYPES[modality]:
         raise ValueError(f"a {settings.type!r} generator cannot fill {modality}; use one of {list(TYPES[modality])}")
-    if settings.type == "shapesworld":
-        return ShapesWorldGenerator(modality, settings)
     device = str(resolve_device(device))
+    if isinstance(settings, PLUGINS):
+        return settings.build(modality, device=device)
     if settings.type in ("sd3", "flux"):
         return TextToImage(settings, device=device)
     if settings.type == "audioldm2":

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from ray.data import Datasink
 
-from pipelines import storage as st
+from omniflow import storage as st
 from pipelines.generators.stage import REJECT_REASON, start_rows
 from pipelines.schema import DROPPED_SAMPLE, REJECTED, SCHEMA_VERSION, TRIPLET_SAMPLE
 from pipelines.writer import AtomicParquetSink, read_parts

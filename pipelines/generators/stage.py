@@ -8,7 +8,7 @@ modality for live rows that lack it and passes every other row through. Stages r
 (from the image), then image and audio (from the caption).
 
     >>> import ray
-    >>> from pipelines.generators import GenerateStage, start_rows
+    >>> from pipelines.generators.stage import GenerateStage, start_rows
     >>> from pipelines.generators.config import GeneratorsConfig
     >>> generators = GeneratorsConfig.model_validate({"audio": {"type": "shapesworld"}})
     >>> ds = ray.data.from_arrow(start_rows(curated_table, fill=["audio"]))
@@ -20,7 +20,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.generators.base import MODALITIES, SOURCE_OF, Failure, Generator, ModalityName, row_seed
+from pipelines.generators.base import (
+    MODALITIES,
+    SOURCE_OF,
+    Failure,
+    Generator,
+    ModalityName,
+    row_seed,
+)
 from pipelines.generators.factory import build_generator
 from pipelines.schema import CURATED_SAMPLE, TRIPLET_SAMPLE, conform
 

@@ -16,13 +16,23 @@ import numpy as np
 import open_clip
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 from omniflow.codecs.mel import TOY_MEL, log_mel
 from omniflow.codecs.pooled import MelVitAudioPooled, MelVitAudioPooledConfig, mel_pixels
 from omniflow.lr import warmup_cosine
 from omniflow.scoring.clip import OpenClip
-from omniflow.shapesworld import SAMPLE_RATE, all_concepts, render_audio, render_captions, sample_concepts, sample_scenes
+from shapesworld import (
+    SAMPLE_RATE,
+    all_concepts,
+    render_audio,
+    render_captions,
+    sample_concepts,
+    sample_scenes,
+)
 
 SUBFOLDER = "audio_tower"
 
@@ -127,7 +137,7 @@ def tower_config(path: str, mean: float, std: float, pooled_dim: int) -> dict:
 def audio_separation(encoder: MelVitAudioPooled, clip: OpenClip, n: int, *, seed: int) -> dict[str, float]:
     """How well clips' vectors match their own captions' over a caption of another concept (same
     wording), on `n` fresh scenes; `encoder` is the loaded `mel-vit-audio-pooled` encoder."""
-    from omniflow.toy.clip import auc, mismatched_captions
+    from shapesworld.toy.clip import auc, mismatched_captions
 
     scenes = _scenes(n, seed)
     audio = encoder.embed(_clips(scenes))[:, : clip.embed_dim]

@@ -12,11 +12,10 @@ JSON + safetensors checkpoint; the head in LAION's key layout) and load through
 caption naming another concept, same wording) and how well the head separates clean from defective
 images, and writes `clip.json`; a rerun with the same config reuses the directory.
 
-    python -m omniflow.toy build-clip --out runs/toy/clip
+    python -m shapesworld.toy build-clip --out runs/toy/clip
 """
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -32,7 +31,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import save_file
 
+from omniflow.codecs.base import CODEC_SET
 from omniflow.codecs.media import decode_image
+from omniflow.config import config_hash
 from omniflow.lr import warmup_cosine
 from omniflow.modality import Modality
 from omniflow.scoring.aesthetic import (
@@ -44,7 +45,7 @@ from omniflow.scoring.aesthetic import (
     train_aesthetic_head,
 )
 from omniflow.scoring.clip import ClipConfig, OpenClip, load_clip
-from omniflow.shapesworld import (
+from shapesworld import (
     all_concepts,
     make_records,
     render_captions,
@@ -52,8 +53,8 @@ from omniflow.shapesworld import (
     sample_concepts,
     sample_scenes,
 )
-from omniflow.toy.audio_tower import ToyAudioTowerBuild, build_audio_tower
-from omniflow.toy.cache import cached_manifest, commit, new_staging
+from shapesworld.toy.audio_tower import ToyAudioTowerBuild, build_audio_tower
+from shapesworld.toy.cache import cached_manifest, commit, new_staging
 
 MANIFEST = "clip.json"
 MODEL_NAME = "shapesworld-clip"  # the stem of the model config file, as open_clip registers it
@@ -126,7 +127,7 @@ class ToyClipConfig(BaseModel):
     audio_tower: ToyAudioTowerBuild = Field(default_factory=ToyAudioTowerBuild)
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        return config_hash(self)
 
 
 def train_clip(
@@ -285,6 +286,26 @@ def toy_scoring_configs(root: str | Path) -> tuple[ClipConfig, AestheticConfig]:
     return _clip_config(root, manifest["clip"]), _aesthetic_config(root, manifest["aesthetic"])
 
 
+def _pooled_set(manifest: dict, pooled_dim: int | None = None) -> dict[str, dict]:
+    """The pooled-encoder configs of a build, paths relative to its directory."""
+    entry = manifest["clip"]
+    common = {"path": ".", "model_name": entry["model_name"], "config_file": entry["config_file"],
+              "pretrained": entry["pretrained"], "pooled_dim": pooled_dim or manifest["embed_dim"]}
+    tower = manifest["audio_tower"]
+    return {Modality.IMAGE.value: {"kind": "open-clip-image-pooled", **common},
+            Modality.TEXT.value: {"kind": "open-clip-text-pooled", **common},
+            Modality.AUDIO.value: {**tower, "pooled_dim": common["pooled_dim"]}}
+
+
+def _write_codec_set(root: Path, manifest: dict) -> None:
+    """`root/codecs.json`: the build as a codec set (`omniflow.codecs.read_codec_set`), so that a
+    job's `codec_sets` takes its pooled encoders. Derived from the manifest; an older build gets
+    it on its next use."""
+    index = root / CODEC_SET
+    if "audio_tower" in manifest and not index.is_file():
+        index.write_text(json.dumps({"pooled": _pooled_set(manifest)}, indent=2))
+
+
 def toy_pooled_configs(root: str | Path, pooled_dim: int | None = None) -> dict[Modality, dict]:
     """Pooled-encoder configs of the toy CLIP in `root` (image and text) and of its audio tower
     (audio, in the CLIP's text space): the ShapesWorld counterpart of the CLIP and LanguageBind
@@ -296,24 +317,18 @@ def toy_pooled_configs(root: str | Path, pooled_dim: int | None = None) -> dict[
     """
     root = Path(root).resolve()
     if not (root / MANIFEST).is_file():
-        raise ValueError(f"{root} has no {MANIFEST}; build it with `python -m omniflow.toy build-clip --out {root}`")
+        raise ValueError(f"{root} has no {MANIFEST}; build it with `python -m shapesworld.toy build-clip --out {root}`")
     manifest = json.loads((root / MANIFEST).read_text())
-    entry = manifest["clip"]
-    common = {"path": str(root), "model_name": entry["model_name"], "config_file": entry["config_file"],
-              "pretrained": entry["pretrained"], "pooled_dim": pooled_dim or manifest["embed_dim"]}
     if "audio_tower" not in manifest:
         raise ValueError(f"{root} was built without the audio tower; rebuild it with "
-                         f"`python -m omniflow.toy build-clip --out {root}`")
-    tower = manifest["audio_tower"]
-    return {Modality.IMAGE: {"kind": "open-clip-image-pooled", **common},
-            Modality.TEXT: {"kind": "open-clip-text-pooled", **common},
-            Modality.AUDIO: {**tower, "path": str(root / tower["path"]), "pooled_dim": common["pooled_dim"]}}
+                         f"`python -m shapesworld.toy build-clip --out {root}`")
+    return {Modality(m): {**c, "path": str(root / c["path"])} for m, c in _pooled_set(manifest, pooled_dim).items()}
 
 
 def build_toy_clip(
     out: str | Path, config: ToyClipConfig | None = None, *, force: bool = False, log: Callable[[str], None] = print
 ) -> dict:
-    """Train the toy CLIP, its aesthetic head and its audio tower (`omniflow.toy.audio_tower`) into
+    """Train the toy CLIP, its aesthetic head and its audio tower (`shapesworld.toy.audio_tower`) into
     `out` (or reuse them when `out` holds this config's build). Returns the manifest: the scoring
     configs and the tower's pooled-encoder config (paths relative to `out`), the held-out
     separation of CLIP, aesthetic and audio-tower scores, timings and the config hash.
@@ -326,6 +341,7 @@ def build_toy_clip(
     out = Path(out)
     cached = cached_manifest(out, MANIFEST, config.digest(), force=force, what="toy CLIP", log=log)
     if cached is not None:
+        _write_codec_set(out, cached)
         return cached
     staging = new_staging(out)
 
@@ -389,13 +405,14 @@ def build_toy_clip(
         "audio_tower_eval": tower["eval"],
         "seconds": {**seconds, "total": round(time.perf_counter() - start, 1)},
     }
+    _write_codec_set(staging, manifest)
     return commit(staging, out, MANIFEST, manifest)
 
 
 def main_build_clip(argv: list[str] | None = None) -> int:
-    """`python -m omniflow.toy build-clip --out DIR [--config FILE.yaml] [--force] [--threads N]`."""
+    """`python -m shapesworld.toy build-clip --out DIR [--config FILE.yaml] [--force] [--threads N]`."""
     parser = argparse.ArgumentParser(
-        prog="python -m omniflow.toy build-clip",
+        prog="python -m shapesworld.toy build-clip",
         description="Train and cache the toy CLIP and its aesthetic head; print held-out separation.",
     )
     add_build_clip_arguments(parser)

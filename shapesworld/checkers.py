@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from omniflow.codecs.media import fit_length, resample
 from omniflow.codecs.mel import hz_to_mel as _hz_to_mel_torch
-from omniflow.shapesworld.concepts import (
+from shapesworld.concepts import (
     COLOURS,
     PALETTE,
     PITCH_HZ,
@@ -30,8 +30,7 @@ from omniflow.shapesworld.concepts import (
     SIZE_WORDS,
     Concept,
 )
-from omniflow.shapesworld.render import shape_coverage
-
+from shapesworld.render import shape_coverage
 
 
 def hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -220,8 +219,8 @@ def read_image(images: np.ndarray | Sequence[np.ndarray | Image.Image]) -> Readi
     `images`: (N, H, W, 3) uint8, or floats in [0, 1], or a sequence of same-size arrays / PIL
     images. An image without one plausible coloured shape (blank, noise) reads (None, None).
 
-        >>> from omniflow.shapesworld.concepts import Concept, sample_scenes
-        >>> from omniflow.shapesworld.render import render_images
+        >>> from shapesworld.concepts import Concept, sample_scenes
+        >>> from shapesworld.render import render_images
         >>> read_image(render_images(sample_scenes([Concept("red", "circle")], seed=0)))
         Reading(colours=['red'], shapes=['circle'])
     """
@@ -357,8 +356,8 @@ def read_audio(waves: np.ndarray | Sequence[np.ndarray], sample_rate: int = AUDI
     `waves`: (N, T) or a sequence of 1-D mono clips at `sample_rate` (resampled to 16 kHz). A clip
     without a clear tone reads (None, None); an unexpected note count reads shape None.
 
-        >>> from omniflow.shapesworld.concepts import Concept, sample_scenes
-        >>> from omniflow.shapesworld.render import render_audio
+        >>> from shapesworld.concepts import Concept, sample_scenes
+        >>> from shapesworld.render import render_audio
         >>> read_audio(render_audio(sample_scenes([Concept("red", "circle")], seed=0)))
         Reading(colours=['red'], shapes=['circle'])
     """

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from omniflow.shapesworld.concepts import (
+from shapesworld.concepts import (
     CAPTION_TEMPLATES,
     COLOURS,
     HARMONICS,
@@ -105,7 +105,7 @@ def coverage_maps(scenes: Sequence[Scene], *, size: int = IMAGE_SIZE) -> np.ndar
 def render_images(scenes: Sequence[Scene], *, size: int = IMAGE_SIZE) -> np.ndarray:
     """(N, size, size, 3) uint8 RGB: one anti-aliased shape of the concept's colour on noisy grey.
 
-        >>> from omniflow.shapesworld.concepts import sample_concepts, sample_scenes
+        >>> from shapesworld.concepts import sample_concepts, sample_scenes
         >>> render_images(sample_scenes(sample_concepts(2, seed=0), seed=0)).shape
         (2, 32, 32, 3)
     """
@@ -122,7 +122,7 @@ def render_images(scenes: Sequence[Scene], *, size: int = IMAGE_SIZE) -> np.ndar
 def render_captions(scenes: Sequence[Scene]) -> list[str]:
     """One English caption per scene from its template; size and position words match the render.
 
-        >>> from omniflow.shapesworld.concepts import Concept, sample_scenes
+        >>> from shapesworld.concepts import Concept, sample_scenes
         >>> caption = render_captions(sample_scenes([Concept("red", "circle")], seed=0))[0]
         >>> "red" in caption and "circle" in caption
         True
@@ -152,7 +152,7 @@ def render_audio(
     A note sequence at the colour's fundamental (detuned by the scene), with the shape's harmonics
     (those below 0.45 * sample_rate) and rhythm, starting at the scene's onset, over a faint hiss.
 
-        >>> from omniflow.shapesworld.concepts import sample_concepts, sample_scenes
+        >>> from shapesworld.concepts import sample_concepts, sample_scenes
         >>> render_audio(sample_scenes(sample_concepts(2, seed=0), seed=0)).shape
         (2, 16000)
     """
@@ -162,7 +162,7 @@ def render_audio(
                      default=0.0)
     if duration_s < latest_end:
         raise ValueError(f"duration_s={duration_s} cuts notes that last until {latest_end:.2f} s")
-    length = int(round(duration_s * sample_rate))
+    length = round(duration_s * sample_rate)
     blocks = [
         _render_audio_block(scenes[i : i + _CHUNK], sample_rate, length)
         for i in range(0, len(scenes), _CHUNK)

@@ -24,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from omniflow.inference import INPUT_FIELDS, AnyToAny, InputPreparer, Prepared, SamplingParams
 from omniflow.modality import Modality
-from omniflow.shapesworld.checkers import concept_accuracy, read_audio, read_caption, read_image
-from omniflow.shapesworld.concepts import Concept
-from omniflow.shapesworld.defects import make_records
 from omniflow.tasks import get_task
+from shapesworld.checkers import concept_accuracy, read_audio, read_caption, read_image
+from shapesworld.concepts import Concept
+from shapesworld.defects import make_records
 
 EVAL_TASKS = ("t2i", "i2t", "t2a", "a2t", "i2a", "a2i", "at2i")
 HELD_OUT_SEED = 1_000_003  # a scene seed no ShapesWorld source config uses

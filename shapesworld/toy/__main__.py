@@ -1,13 +1,13 @@
 """Command line for the toy domain.
 
-    python -m omniflow.toy build-codecs --out runs/toy/codecs [--config toy_codecs.yaml] [--force]
-    python -m omniflow.toy build-clip --out runs/toy/clip [--config toy_clip.yaml] [--force]
+    python -m shapesworld.toy build-codecs --out runs/toy/codecs [--config toy_codecs.yaml] [--force]
+    python -m shapesworld.toy build-clip --out runs/toy/clip [--config toy_clip.yaml] [--force]
 
 `build-codecs` trains the toy image, audio and text codecs on ShapesWorld (a few minutes on two CPU
 cores), prints each modality's round-trip accuracy (the share of samples whose concept the
 ShapesWorld checkers read back from decode(encode(x))) and caches them in OUT: a rerun with the
 same config reuses them, a changed config rebuilds. The YAML config overrides any field of
-`omniflow.toy.codecs.ToyCodecsConfig`, e.g. `image: {steps: 1000}`.
+`shapesworld.toy.codecs.ToyCodecsConfig`, e.g. `image: {steps: 1000}`.
 
 `build-clip` trains a tiny open_clip CLIP and a LAION-layout aesthetic head on ShapesWorld (under a
 minute), prints how well they separate matched from mismatched pairs and clean from blank or noise
@@ -23,13 +23,13 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from omniflow.toy.clip import add_build_clip_arguments, run_build_clip
-from omniflow.toy.codecs import ToyCodecsConfig, build_toy_codecs
+from shapesworld.toy.clip import add_build_clip_arguments, run_build_clip
+from shapesworld.toy.codecs import ToyCodecsConfig, build_toy_codecs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m omniflow.toy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m shapesworld.toy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build-codecs", help="train and cache the toy codecs, print round-trip accuracy")

@@ -2,7 +2,7 @@
 
 No Ray and no Parquet: the toy codecs encode rendered scenes once (`encode_scenes`), then
 `train` runs `omniflow.training.train_step` on batches drawn from them and scores the tasks it
-trains with the demo's measure (`omniflow.shapesworld.quality.evaluate`) as it goes. What the
+trains with the demo's measure (`shapesworld.quality.evaluate`) as it goes. What the
 learning benchmark (`benchmarks/shapesworld_learning.py`) and the learning test run; the jobs train
 the same model the same way through Ray.
 
@@ -25,10 +25,7 @@ from omniflow.inference import AnyToAny
 from omniflow.modality import Modality
 from omniflow.objective import FlowObjective
 from omniflow.presets import build_transformer, get_preset
-from omniflow.shapesworld.concepts import ConceptSplit, split_concepts
-from omniflow.shapesworld.quality import EVAL_TASKS, QualityConfig, evaluate
 from omniflow.tasks import get_task
-from omniflow.toy.codecs import shapes_data
 from omniflow.training import (
     Batch,
     GroupedBatches,
@@ -37,6 +34,9 @@ from omniflow.training import (
     build_scheduler,
     train_step,
 )
+from shapesworld.concepts import ConceptSplit, split_concepts
+from shapesworld.quality import EVAL_TASKS, QualityConfig, evaluate
+from shapesworld.toy.codecs import shapes_data
 
 ALL_TASKS = "t2i,i2t,t2a,a2t,i2a,a2i,at2i,it2a,ai2t,joint"
 

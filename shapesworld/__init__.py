@@ -5,7 +5,7 @@ caption and a short tone (pitch = colour, rhythm and timbre = shape), with nuisa
 freely (layout, lighting, wording, detune, loudness, timing). Checkers read the concept back from
 any modality, so a generated sample can be scored without a learned judge.
 
-    >>> from omniflow.shapesworld import (concept_accuracy, read_image, render_images,
+    >>> from shapesworld import (concept_accuracy, read_image, render_images,
     ...                                   sample_concepts, sample_scenes)
     >>> concepts = sample_concepts(100, seed=0)
     >>> images = render_images(sample_scenes(concepts, seed=0))
@@ -13,7 +13,7 @@ any modality, so a generated sample can be scored without a learned judge.
     1.0
 """
 
-from omniflow.shapesworld.checkers import (
+from shapesworld.checkers import (
     CaptionParse,
     Layout,
     Reading,
@@ -25,7 +25,7 @@ from omniflow.shapesworld.checkers import (
     read_image,
     read_layout,
 )
-from omniflow.shapesworld.concepts import (
+from shapesworld.concepts import (
     COLOURS,
     PALETTE,
     PITCH_HZ,
@@ -41,8 +41,8 @@ from omniflow.shapesworld.concepts import (
     sample_scenes,
     split_concepts,
 )
-from omniflow.shapesworld.defects import DEFECTS, detect_defect, make_records
-from omniflow.shapesworld.render import (
+from shapesworld.defects import DEFECTS, detect_defect, make_records
+from shapesworld.render import (
     IMAGE_SIZE,
     SAMPLE_RATE,
     render_audio,

@@ -1,4 +1,6 @@
-"""The ShapesWorld renderer as a generator: the stand-in for generator models on the toy domain.
+"""The ShapesWorld renderer as a generator: the stand-in for generator models on the toy domain,
+registered as `type: shapesworld` through the `omniflow_ray.generators` entry point
+(`pipelines.plugins`).
 
 Text-to-image and text-to-audio parse the concept (and size and position, where the caption names
 them) from the caption and render a scene of it; captioning reads the concept and layout from
@@ -9,19 +11,20 @@ the row's seed, so the same seed renders the same bytes. Provenance names the ge
     >>> gen = ShapesWorldGenerator("image", ShapesWorldSettings())
     >>> png = gen.generate(["a big red circle on the left"], [7])[0]
     >>> from omniflow.codecs.media import decode_image
-    >>> from omniflow.shapesworld import read_image
+    >>> from shapesworld import read_image
     >>> read_image([decode_image(png)])
     Reading(colours=['red'], shapes=['circle'])
 """
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
 
 from omniflow.codecs.media import MediaError, decode_image, encode_audio, encode_image
-from omniflow.shapesworld import (
+from pipelines.generators.base import Failure, Generator, GeneratorSettings, ModalityName, Output
+from shapesworld import (
     IMAGE_SIZE,
     SAMPLE_RATE,
     Concept,
@@ -34,10 +37,9 @@ from omniflow.shapesworld import (
     render_images,
     sample_scenes,
 )
-from pipelines.generators.base import Failure, Generator, GeneratorSettings, ModalityName, Output
 
 NAME = "shapesworld-renderer"
-CHECKPOINT = "omniflow.shapesworld"
+CHECKPOINT = "shapesworld"
 # A scene drawn from the row's seed has the layout a caption asks for about one time in 18; up
 # to this many draws (seed, seed + 1, ...) find one for all but ~1e-13 of rows, and the rest keep
 # the first draw: the concept, which is what must match, is always the asked-for one.
@@ -46,12 +48,16 @@ TASKS = {"image": "text-to-image", "audio": "text-to-audio", "caption": "image-t
 
 
 class ShapesWorldSettings(GeneratorSettings):
-    """The renderer's output format; it has no weights."""
+    """The renderer's output format; it has no weights. It fills any modality."""
 
+    fills: ClassVar[tuple[ModalityName, ...]] = ("image", "audio", "caption")
     type: Literal["shapesworld"] = "shapesworld"
     image_size: int = Field(IMAGE_SIZE, ge=16)
     sample_rate: int = Field(SAMPLE_RATE, ge=8000)
     audio_format: Literal["FLAC", "WAV"] = "FLAC"
+
+    def build(self, modality: ModalityName, *, device: str = "cpu") -> "ShapesWorldGenerator":
+        return ShapesWorldGenerator(modality, self)
 
 
 def scene_for(concept: Concept, seed: int, *, size: str | None = None, position: str | None = None) -> Scene:

@@ -282,25 +282,31 @@ def download_dir(path: str, local: str | os.PathLike, storage: StorageConfig) ->
     if not files:
         raise FileNotFoundError(f"no files under {path}")
     root = glob_root(path, storage)
-    for remote in files:
-        target = os.path.join(local, relative_to(remote, root))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "wb") as f:
-            f.write(read_bytes(remote, storage))
+    targets = [os.path.join(local, relative_to(remote, root)) for remote in files]
+    for directory in {os.path.dirname(t) for t in targets}:
+        os.makedirs(directory, exist_ok=True)
+    filesystem(path, storage).get(files, targets)  # s3fs fetches a list concurrently
     return str(local)
 
 
 def local_copy(path: str, storage: StorageConfig, *, cache_root: str | os.PathLike | None = None) -> str:
     """`path` itself when local; for s3:// a local copy of the directory, downloaded once per machine
-    and path into `cache_root` (default: the temp directory) and moved into place whole, so that
-    processes sharing the machine (replicas, workers) never read a partial copy."""
+    into `cache_root` (default: the temp directory) and moved into place whole, so that processes
+    sharing the machine (replicas, workers) never read a partial copy. The copy is keyed by the
+    path and its listing (names, sizes, ETags): what is written again to the same prefix is
+    downloaded again."""
     if scheme(path) == "file":
         return path
     import hashlib
     import tempfile
 
+    listing = filesystem(path, storage).find(path, detail=True)
+    digest = hashlib.sha256(path.encode())
+    for name, info in sorted(listing.items()):
+        stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+        digest.update(f"\n{name}\t{info.get('size')}\t{stamp}".encode())
     root = os.path.join(cache_root or tempfile.gettempdir(), "omniflow-downloads")
-    cache = os.path.join(root, hashlib.sha256(path.encode()).hexdigest()[:16])
+    cache = os.path.join(root, digest.hexdigest()[:16])
     if not os.path.isdir(cache):
         os.makedirs(root, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".download-", dir=root)
@@ -320,6 +326,12 @@ def upload_dir(local: str | os.PathLike, path: str, storage: StorageConfig, *, l
     names = sorted(
         os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs
     )
-    for name in sorted(names, key=lambda n: n in last):
+    batches = [[n for n in names if n not in last], [n for n in names if n in last]]
+    if scheme(path) == "s3":  # each PUT is whole; s3fs sends a list concurrently
+        fs = filesystem(path, storage)
+        for batch in filter(None, batches):
+            fs.put([os.path.join(local, n) for n in batch], [join(path, *n.split(os.sep)) for n in batch])
+        return
+    for name in batches[0] + batches[1]:
         with open(os.path.join(local, name), "rb") as f:
             write_bytes_atomic(join(path, *name.split(os.sep)), f.read(), storage)

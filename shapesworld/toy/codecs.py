@@ -8,8 +8,6 @@ decode(encode(x)) against the truth) and writes `codecs.json`; a rerun with the 
 the directory, a changed config rebuilds it.
 """
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -21,12 +19,14 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from omniflow.codecs import build_codec
+from omniflow.codecs import build_codec, read_codec_set
 from omniflow.codecs.autoencoder import fit_latent_stats, new_autoencoder_kl, train_autoencoder_kl
+from omniflow.codecs.base import CODEC_SET
 from omniflow.codecs.mel import TOY_MEL, MelConfig, log_mel
 from omniflow.codecs.text_vae_train import build_tiny_text_vae, train_text_vae
+from omniflow.config import config_hash
 from omniflow.modality import Modality
-from omniflow.shapesworld import (
+from shapesworld import (
     all_concepts,
     concept_accuracy,
     read_audio,
@@ -38,9 +38,9 @@ from omniflow.shapesworld import (
     sample_concepts,
     sample_scenes,
 )
-from omniflow.toy.cache import cached_manifest, commit, new_staging
+from shapesworld.toy.cache import cached_manifest, commit, new_staging
 
-MANIFEST = "codecs.json"
+MANIFEST = CODEC_SET  # the build's manifest is also its codec set index
 # Part of the cache key: bump when the build writes something different for the same config.
 BUILD_VERSION = 3  # 2: per-channel latent normalisation; 3: audio trained on clips as the sources render them
 
@@ -93,7 +93,7 @@ class ToyCodecsConfig(BaseModel):
     text: TextVAEBuild = Field(default_factory=TextVAEBuild)
 
     def digest(self) -> str:
-        return hashlib.sha256(f"{BUILD_VERSION}:{self.model_dump_json()}".encode()).hexdigest()[:16]
+        return config_hash(self, version=BUILD_VERSION)
 
 
 @dataclass(frozen=True)
@@ -219,8 +219,8 @@ def toy_codec_configs(root: str | Path) -> dict[str, dict]:
     (or a job's `codecs` setting) takes."""
     root = Path(root).resolve()
     if not (root / MANIFEST).is_file():
-        raise ValueError(f"{root} has no {MANIFEST}; build it with `python -m omniflow.toy build-codecs --out {root}`")
-    return {m: _resolve(c, root) for m, c in json.loads((root / MANIFEST).read_text())["codecs"].items()}
+        raise ValueError(f"{root} has no {MANIFEST}; build it with `python -m shapesworld.toy build-codecs --out {root}`")
+    return read_codec_set(root)["codecs"]
 
 
 def load_toy_codecs(root: str | Path) -> dict[Modality, object]:
@@ -234,7 +234,7 @@ def build_toy_codecs(
 ) -> dict:
     """Train the toy codecs into `out` (or reuse them when `out` holds this config's build).
 
-    With a `pool` (`omniflow.toy.pool.build_pool`) the three codecs train side by side in its
+    With a `pool` (`shapesworld.toy.pool.build_pool`) the three codecs train side by side in its
     worker processes, which print their progress; otherwise one after another here.
 
     Returns the manifest: codec configs (paths relative to `out`), latent shapes, round-trip

@@ -15,15 +15,15 @@ import soundfile
 from PIL import Image, UnidentifiedImageError
 
 from omniflow.codecs.media import MediaError, decode_audio, decode_image, encode_audio, encode_image
-from omniflow.shapesworld.checkers import is_clipped, read_audio, read_caption, read_image
-from omniflow.shapesworld.concepts import (
+from shapesworld.checkers import is_clipped, read_audio, read_caption, read_image
+from shapesworld.concepts import (
     Concept,
     all_concepts,
     sample_concepts,
     sample_scenes,
     seeded_rng,
 )
-from omniflow.shapesworld.render import (
+from shapesworld.render import (
     IMAGE_SIZE,
     SAMPLE_RATE,
     render_audio,
@@ -86,7 +86,7 @@ def make_records(
     waves = render_audio(scenes, sample_rate=sample_rate)
 
     rng = seeded_rng(seed, 3)
-    n_bad = int(round(n * defect_rate))
+    n_bad = round(n * defect_rate)
     planted: list[str | None] = [None] * n
     kinds = [defects[j % len(defects)] for j in range(n_bad)]
     for i, kind in zip(rng.choice(n, size=n_bad, replace=False), rng.permutation(kinds)):

@@ -6,12 +6,12 @@ toy codecs, as `runs/toy/` lays them out (`clip/`, `codecs/`).
 
 from pathlib import Path
 
-from omniflow.toy.cache import is_built
-from omniflow.toy.clip import MANIFEST as CLIP_MANIFEST
-from omniflow.toy.clip import ToyClipConfig, build_toy_clip
-from omniflow.toy.codecs import MANIFEST as CODECS_MANIFEST
-from omniflow.toy.codecs import ToyCodecsConfig, build_toy_codecs
-from omniflow.toy.pool import build_pool
+from shapesworld.toy.cache import is_built
+from shapesworld.toy.clip import MANIFEST as CLIP_MANIFEST
+from shapesworld.toy.clip import ToyClipConfig, build_toy_clip
+from shapesworld.toy.codecs import MANIFEST as CODECS_MANIFEST
+from shapesworld.toy.codecs import ToyCodecsConfig, build_toy_codecs
+from shapesworld.toy.pool import build_pool
 
 
 def build_toy_models(toy: str | Path, workers: int) -> tuple[dict, dict]:
@@ -20,7 +20,7 @@ def build_toy_models(toy: str | Path, workers: int) -> tuple[dict, dict]:
 
     With `workers` > 1 the four models train side by side in that many single-threaded processes
     (at most four: one per model), which on a few cores beats one model after another on all of
-    them (`omniflow.toy.pool`).
+    them (`shapesworld.toy.pool`).
     """
     clip, codecs = Path(toy) / "clip", Path(toy) / "codecs"
     built = is_built(clip, CLIP_MANIFEST, ToyClipConfig().digest()) and is_built(

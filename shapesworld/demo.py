@@ -1,7 +1,7 @@
 """The whole flow on ShapesWorld on this machine, with tiny models: what `make demo` runs.
 
-    python -m jobs.demo                       # writes runs/demo/
-    python -m jobs.demo --out runs/demo2 data_scale=0.25 steps.stage3=200 quality.samples=50
+    python -m shapesworld.demo                       # writes runs/demo/
+    python -m shapesworld.demo --out runs/demo2 data_scale=0.25 steps.stage3=200 quality.samples=50
 
 One local Ray cluster runs every stage, each the job a user runs on a cluster, with the ShapesWorld
 configs of `configs/` pointed into the output directory:
@@ -38,9 +38,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.common import Progress, RayConfig, config_hash, dumps, init_ray, job_main, load_config
-from omniflow.shapesworld.quality import QualityConfig
+from jobs.common import Progress, dumps, job_main
+from omniflow.config import load_config
 from omniflow.tasks import BUILTIN_TASKS
+from pipelines.manifest import is_reusable
+from pipelines.runtime import RayConfig, init_ray
+from shapesworld import checks
+from shapesworld.quality import QualityConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOY = "runs/toy/"  # where the configs expect the toy CLIP and codecs
@@ -82,21 +86,13 @@ def _stage_config(model: type[BaseModel], file: str, out: str, toy: str, edit: C
 def toy_fingerprint(toy: Path) -> str:
     """The toy builds' identity: their manifests' bytes (config hash and build timings, so that a
     rebuild of the same config counts as new weights)."""
-    from omniflow.toy.clip import MANIFEST as CLIP_MANIFEST
-    from omniflow.toy.codecs import MANIFEST as CODECS_MANIFEST
+    from shapesworld.toy.clip import MANIFEST as CLIP_MANIFEST
+    from shapesworld.toy.codecs import MANIFEST as CODECS_MANIFEST
 
     digest = hashlib.sha256()
     for path in (toy / "clip" / CLIP_MANIFEST, toy / "codecs" / CODECS_MANIFEST):
         digest.update(path.read_bytes() if path.is_file() else b"absent")
     return digest.hexdigest()[:16]
-
-
-def _reuse(manifest_path: Path, config: BaseModel) -> dict | None:
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config_hash") == config_hash(config):
-            return manifest
-    return None
 
 
 class Demo:
@@ -111,20 +107,21 @@ class Demo:
             json.loads(self.lineage_path.read_text()) if self.lineage_path.is_file() else {})
         self.upstream = ""  # the identity of what the next stage reads
 
-    def stage(self, name: str, config: BaseModel, manifest_path: Path, run: Callable[[Any], dict],
+    def stage(self, name: str, config: BaseModel, output: str, run: Callable[[Any], dict],
               follow: Path | None = None) -> dict:
         """Run a job, or reuse its output when made with this config from the same inputs; `follow`
         is a metrics.jsonl whose lines are shown as they come. Stages run in order, each reading
         what the ones before it wrote."""
         entry = self.lineage.get(name, {})
         same_input = entry.get("input") == self.upstream
-        manifest = _reuse(manifest_path, config) if same_input and "output" in entry else None
+        reusable = is_reusable(output, config) if same_input and "output" in entry else None
+        manifest = reusable.model_dump(mode="json") if reusable is not None else None
         if manifest is not None:
-            self.progress.log(f"{name}: reusing {manifest_path.parent} (same config and inputs)")
+            self.progress.log(f"{name}: reusing {output} (same config and inputs)")
             self.reused.append(name)
             self.upstream = entry["output"]
             return manifest
-        out = manifest_path.parent
+        out = Path(output)
         if not same_input and out.exists() and self.out.resolve() in out.resolve().parents:
             # a job resumes into what its output holds; made from other inputs, that is stale
             self.progress.log(f"{name}: what it reads changed; removing {out}")
@@ -160,7 +157,7 @@ class Demo:
         start = time.perf_counter()
         self.progress.phase(f"toy models (built once into {c.toy})")
         t0 = time.perf_counter()
-        from omniflow.toy.models import build_toy_models
+        from shapesworld.toy.models import build_toy_models
 
         build_toy_models(c.toy, workers=c.ray.num_cpus or os.cpu_count() or 1)
         self.upstream = toy_fingerprint(Path(c.toy))
@@ -173,22 +170,25 @@ class Demo:
 
         manifests = {}
         cfg = _stage_config(curate.CurateConfig, "curate_shapesworld.yaml", out, c.toy, scale)
-        manifests["curate"] = self.stage("curate", cfg, Path(cfg.output) / "manifest.json", curate.run)
+        manifests["curate"] = self.stage("curate", cfg, cfg.output, curate.run)
         cfg = _stage_config(synthesize.SynthesizeConfig, "synthesize_shapesworld.yaml", out, c.toy)
-        manifests["synthesize"] = self.stage("synthesize", cfg, Path(cfg.output) / "manifest.json", synthesize.run)
+        manifests["synthesize"] = self.stage("synthesize", cfg, cfg.output, synthesize.run)
+        data_checks = {"curation": checks.curation(manifests["curate"]["config"]["output"]),
+                       "synthesis": checks.synthesis(cfg.output)}
+        self.progress.log(f"ShapesWorld checks of the data: {json.dumps(data_checks)}")
         cfg = _stage_config(encode.EncodeConfig, "encode_shapesworld.yaml", out, c.toy)
-        manifests["encode"] = self.stage("encode", cfg, Path(cfg.output) / "manifest.json", encode.run)
+        manifests["encode"] = self.stage("encode", cfg, cfg.output, encode.run)
         for stage in ("stage1", "stage2"):
             cfg = _stage_config(TrainConfig, f"train_shapesworld_{stage}.yaml", out, c.toy,
                                 overrides=(f"steps={getattr(c.steps, stage)}", f"batch_size={c.batch_size}",
                                            *c.train_overrides))
-            manifests[stage] = self.stage(f"train {stage}", cfg, Path(cfg.run_dir) / "manifest.json", train.run,
+            manifests[stage] = self.stage(f"train {stage}", cfg, cfg.run_dir, train.run,
                                           follow=Path(cfg.run_dir) / "metrics.jsonl")
         cfg = _stage_config(merge.MergeJobConfig, "merge_shapesworld.yaml", out, c.toy)
-        manifests["merge"] = self.stage("merge", cfg, Path(cfg.output) / "manifest.json", merge.run)
+        manifests["merge"] = self.stage("merge", cfg, cfg.output, merge.run)
         cfg = _stage_config(TrainConfig, "train_shapesworld_stage3.yaml", out, c.toy,
                             overrides=(f"steps={c.steps.stage3}", f"batch_size={c.batch_size}", *c.train_overrides))
-        manifests["stage3"] = self.stage("train stage3", cfg, Path(cfg.run_dir) / "manifest.json", train.run,
+        manifests["stage3"] = self.stage("train stage3", cfg, cfg.run_dir, train.run,
                                          follow=Path(cfg.run_dir) / "metrics.jsonl")
         model_dir = manifests["stage3"]["model_dir"]
 
@@ -206,6 +206,7 @@ class Demo:
             "quality": quality,
             "curation": manifests["curate"]["counts"],
             "synthesis": manifests["synthesize"]["counts"],
+            "data_checks": data_checks,
             "encoding": manifests["encode"]["counts"],
             "training": {s: manifests[s].get("final_metrics", {}) for s in ("stage1", "stage2", "stage3")},
             "serving": served,
@@ -217,7 +218,7 @@ class Demo:
         }
         (self.out / "metrics.json").write_bytes(dumps(metrics))
         self.progress.phase("report")
-        from jobs.demo_report import write_report
+        from shapesworld.report import write_report
 
         write_report(self.out, metrics, manifests)
         self.progress.log(f"wrote {self.out / 'report.html'} and {self.out / 'metrics.json'}")
@@ -257,9 +258,9 @@ class Demo:
         """Deploy the service on the local cluster, ask every task over HTTP, save the answers."""
         from ray import serve
 
-        from omniflow.shapesworld.defects import make_records
         from serve.app import build_app
         from serve.client import Client, write_outputs
+        from shapesworld.defects import make_records
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -291,7 +292,7 @@ class Demo:
 
     def _quality(self, model_dir: str) -> dict:
         from omniflow.inference import AnyToAny
-        from omniflow.shapesworld.quality import evaluate
+        from shapesworld.quality import evaluate
 
         pipe = AnyToAny.load(model_dir)
         return evaluate(pipe, self.config.quality, log=lambda m: self.progress.log(f"  {m}"))
@@ -304,7 +305,7 @@ def run(config: DemoConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m shapesworld.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     def load(args) -> DemoConfig:
         return load_config(DemoConfig, {"out": args.out}, args.overrides)
 
-    return job_main(DemoConfig, run, argv, prog="python -m jobs.demo", description=__doc__, parser=parser, load=load)
+    return job_main(DemoConfig, run, argv, prog="python -m shapesworld.demo", description=__doc__, parser=parser, load=load)
 
 
 if __name__ == "__main__":

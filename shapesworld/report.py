@@ -14,11 +14,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import soundfile  # noqa: E402
+import matplotlib.pyplot as plt
+import soundfile
 
 from jobs.train_logs import last_per_step, read_metrics
-from pipelines.storage import StorageConfig, join
+from omniflow.storage import StorageConfig, join
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -79,8 +79,8 @@ def _fmt(x: float, goal: float = 0.9) -> str:
 def write_report(out: Path, metrics: dict, manifests: dict) -> Path:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>OmniFlow demo on ShapesWorld</title>",
              f"<style>{STYLE}</style></head><body><h1>OmniFlow on ShapesWorld</h1>",
-             f"<p>Model <code>{html.escape(metrics['model_dir'])}</code>; the whole run took "
-             f"{metrics['total_seconds']:.0f} s (stages reused: {', '.join(metrics['reused_stages']) or 'none'}).</p>"]
+             (f"<p>Model <code>{html.escape(metrics['model_dir'])}</code>; the whole run took "
+             f"{metrics['total_seconds']:.0f} s (stages reused: {', '.join(metrics['reused_stages']) or 'none'}).</p>")]
 
     quality = metrics["quality"]
     q = quality["config"]
@@ -129,7 +129,7 @@ def write_report(out: Path, metrics: dict, manifests: dict) -> Path:
             for s, c in metrics["curation"].items()]
     parts.append(_table(["source", "input", "kept", "filtered", "rejected", "why"], rows))
     curate = manifests["curate"]
-    for score, path in (curate.get("plots") or curate["outputs"].get("plots") or {}).items():
+    for path in (curate.get("plots") or curate["outputs"].get("plots") or {}).values():
         if Path(path).is_file():
             parts.append(f"<img src='data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()}'>")
     rows = [[s, c["input"], c["kept"], c.get("rejected", 0), json.dumps(c.get("generated", {}))]

@@ -1,4 +1,4 @@
-"""Eyeball ShapesWorld: `python -m omniflow.shapesworld preview --out DIR -n 16 [--seed 0]`.
+"""Eyeball ShapesWorld: `python -m shapesworld preview --out DIR -n 16 [--seed 0]`.
 
 Writes `grid.png` (the images, enlarged, row-major), one WAV per sample and `captions.txt` (one
 line per sample: index, concept, size, position, caption), plus what the checkers read back.
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from omniflow.codecs.media import encode_audio, encode_image
-from omniflow.shapesworld.checkers import read_audio, read_caption, read_image
-from omniflow.shapesworld.concepts import sample_concepts, sample_scenes
-from omniflow.shapesworld.render import (
+from shapesworld.checkers import read_audio, read_caption, read_image
+from shapesworld.concepts import sample_concepts, sample_scenes
+from shapesworld.render import (
     SAMPLE_RATE,
     render_audio,
     render_captions,
@@ -55,7 +55,7 @@ def preview(out: Path, *, n: int, seed: int, scale: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m omniflow.shapesworld", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m shapesworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("preview", help="write an image grid, WAVs and captions to look at")
     p.add_argument("--out", type=Path, required=True)
