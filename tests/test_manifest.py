@@ -95,3 +95,23 @@ def test_adopted_parts_read_as_a_job_output(tmp_path, s3_server):
     adopt_parts(str(tmp_path / "triplets"), [triplets], LOCAL, job="synthesize")
     synthesized = read_upstream(str(tmp_path / "triplets"), LOCAL, job="synthesize")
     assert synthesized.counts["a"].generated == {"image": 2, "caption": 0, "audio": 0}
+
+
+def test_toy_curation_check_counts_only_defects_a_source_holds(tmp_path):
+    """An image-audio source keeps no caption: its planted caption mismatches are not in its data."""
+    from jobs.curate import CurateConfig
+    from shapesworld import checks
+    from shapesworld.defects import make_records
+
+    source = {"type": "shapesworld", "name": "pairs", "samples": 40, "defect_rate": 0.5, "seed": 3,
+              "modalities": ["image", "audio"]}
+    config = CurateConfig.model_validate({"output": str(tmp_path), "sources": [{"source": source}]})
+    records = make_records(40, seed=3, defect_rate=0.5)
+    write_manifest(str(tmp_path), CurateManifest.of(
+        config, {}, inputs={"pairs": []}, run_id="r", counts={"pairs": {"input": 40, "kept": 0, "filtered": 40,
+                                                                         "rejected": 0}},
+        source_weights={"pairs": 0.0}, outputs={"curated": [], "rejects": None}), LOCAL)
+    found = checks.curation(str(tmp_path))["pairs"]
+    in_data = [r for r in records if r["defect"] and not r["defect"].endswith("_caption")]
+    assert found["mismatched"] == 0 and found["mismatched_removed"] is None  # nothing kept: all removed
+    assert found["clean"] == 40 - len(in_data) and found["clean_kept"] == 0.0 and found["defects_removed"] == 1.0
