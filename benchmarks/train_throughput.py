@@ -31,8 +31,8 @@ from omniflow.presets import build_transformer, get_preset, model_cost
 from omniflow.storage import StorageConfig
 from omniflow.training import OptimConfig, build_optimizer, build_scheduler, train_step
 from pipelines.mixing import MixedBatches, Stream, to_batch
+from pipelines.parts import read_parts
 from pipelines.synthetic_latents import write_latent_dataset
-from pipelines.writer import read_parts
 
 TASKS = {"t2i": 1.0, "i2t": 1.0, "t2a": 1.0, "a2t": 1.0, "it2a": 1.0}
 

@@ -22,50 +22,36 @@ Output layout under `output`:
 import sys
 import uuid
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.common import Progress, job_main
 from omniflow import storage as st
-from pipelines.curated import KeepKept
+from pipelines.curated import summarize, write_curated, write_plots, write_rejects
 from pipelines.decode import Decode, DecodeConfig
 from pipelines.filters import SCORES, FilterConfig, decide
 from pipelines.manifest import CurateManifest, write_manifest
-from pipelines.plots import score_histogram
-from pipelines.runtime import RayConfig, init_ray
-from pipelines.schema import (
-    CURATED_SAMPLE,
-    DROPPED_SAMPLE,
-    KEPT,
-    SCHEMA_VERSION,
-    SCORED_SAMPLE,
-    conform,
-)
-from pipelines.scorers import (
-    ClapPreprocess,
-    ClapScorer,
-    ClapScoringConfig,
-    ClipPreprocess,
-    ClipScorer,
-    ClipScoringConfig,
-)
-from pipelines.sources import SourceConfig, list_shards, read_sources
-from pipelines.weighting import WeightingConfig, source_weights
-from pipelines.writer import (
+from pipelines.parts import (
     AtomicParquetSink,
     committed_keys,
     committed_parts,
     deduplicate_parts,
     read_parts,
 )
+from pipelines.runtime import RayConfig, init_ray
+from pipelines.schema import SCORED_SAMPLE
+from pipelines.scorers import (
+    ClapScoringConfig,
+    ClipScoringConfig,
+    add_clap_scoring,
+    add_clip_scoring,
+)
+from pipelines.sources import SourceConfig, list_shards, read_sources
+from pipelines.weighting import WeightingConfig, source_weights
 
 SMALL_COLUMNS = [
     "key", "source", "sample_id", "caption", "image_width", "image_height", "audio_seconds", "content_hash",
     *SCORES, "reject_stage", "reject_reason",
 ]
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 class SourceSpec(BaseModel):
@@ -117,29 +103,14 @@ def score_stage(config: CurateConfig, progress: Progress) -> None:
     ds = read_sources(readers, storage, skip_keys=done)
     ds = ds.map_batches(Decode, **Decode.map_batches_kwargs(config.decode))
     if config.clip is not None:
-        ds = ds.map_batches(ClipPreprocess, **ClipPreprocess.map_batches_kwargs(config.clip))
-        ds = ds.map_batches(ClipScorer, **ClipScorer.map_batches_kwargs(config.clip))
+        ds = add_clip_scoring(ds, config.clip)
     if config.clap is not None:
-        ds = ds.map_batches(ClapPreprocess, **ClapPreprocess.map_batches_kwargs(config.clap))
-        ds = ds.map_batches(ClapScorer, **ClapScorer.map_batches_kwargs(config.clap))
+        ds = add_clap_scoring(ds, config.clap)
     ds.write_datasink(AtomicParquetSink(scored_dir, SCORED_SAMPLE, storage))
-
-
-def _quantiles(values: np.ndarray) -> dict[str, float]:
-    values = values[np.isfinite(values)]
-    if not values.size:
-        return {}
-    return {f"q{int(q * 100):02d}": round(float(np.quantile(values, q)), 6) for q in QUANTILES}
-
-
-def _scores(table: pa.Table, score: str) -> np.ndarray:
-    return pc.fill_null(table.column(score).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
 
 
 def finalize(config: CurateConfig, progress: Progress) -> dict:
     """Filter, weight and write curated shards, rejects, plots; return the manifest's body."""
-    import ray
-
     storage = config.storage
     scored_dir = st.join(config.output, "scored")
     # A scoring write task retried after it had committed repeats its rows: one copy per key stays.
@@ -147,83 +118,33 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
     parts = committed_parts(scored_dir, storage)
     # Embeddings are the one wide column: read them only when a near-duplicate rule needs them.
     columns = SMALL_COLUMNS + (["image_embedding"] if any(s.filters.near_duplicate_cosine for s in config.sources) else [])
-    small = read_parts(parts, storage, columns=columns)
-    if small is None:
-        small = SCORED_SAMPLE.empty_table().select(columns)
-    small = small.sort_by("key")  # the order `decide` returns its decisions in
+    scored = read_parts(parts, storage, columns=columns)
+    scored = (scored if scored is not None else SCORED_SAMPLE.empty_table().select(columns)).sort_by("key")
 
-    filters = {s.source.name: s.filters for s in config.sources}
-    decisions = decide(small, filters)
-    table = decisions.table
-    status = table.column("status").to_numpy(zero_copy_only=False)
-    sources = table.column("source").to_numpy(zero_copy_only=False)
-    kept_mask = status == KEPT
-
-    counts, quantiles, mean_kept = {}, {}, {}
-    for spec in config.sources:
-        name = spec.source.name
-        mine = sources == name
-        stages = table.filter(pa.array(mine & ~kept_mask)).group_by(["status", "stage"]).aggregate([("key", "count")])
-        counts[name] = {
-            "input": int(mine.sum()),
-            "kept": int((mine & kept_mask).sum()),
-            "filtered": int((mine & (status == "filtered")).sum()),
-            "rejected": int((mine & (status == "rejected")).sum()),
-            "by_stage": {f"{r['status']}/{r['stage']}": r["key_count"] for r in stages.to_pylist()},
-        }
-        quantiles[name], mean_kept[name] = {}, {}
-        for score in SCORES:
-            values = _scores(small, score)
-            q = _quantiles(values[mine])
-            if q:
-                quantiles[name][score] = q
-                kept_values = values[mine & kept_mask]
-                kept_values = kept_values[np.isfinite(kept_values)]
-                if kept_values.size:
-                    mean_kept[name][score] = float(kept_values.mean())
-    weights = source_weights(
-        {n: c["kept"] for n, c in counts.items()}, mean_kept, {s.source.name: s.prior for s in config.sources},
-        config.weighting,
-    )
+    names = [s.source.name for s in config.sources]
+    decisions = decide(scored, {s.source.name: s.filters for s in config.sources})
+    summary = summarize(decisions.table, scored, names)
+    weights = source_weights(summary.kept(), summary.mean_kept, {s.source.name: s.prior for s in config.sources},
+                             config.weighting)
 
     run_id = uuid.uuid4().hex[:12]
     curated_dir = st.join(config.output, "curated", run_id)
-    progress.phase("writing curated shards")
-    kept_keys = set(table.filter(pa.array(kept_mask)).column("key").to_pylist())
-    if parts:
-        ray.data.from_items([{"path": p} for p in parts]).map_batches(
-            KeepKept, fn_constructor_kwargs={"kept": kept_keys, "weights": weights, "storage": storage},
-            batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), batch_format="numpy",
-        ).write_datasink(AtomicParquetSink(curated_dir, CURATED_SAMPLE, storage))
-    dropped = table.filter(pa.array(~kept_mask)).append_column(
-        "schema_version", pa.array([SCHEMA_VERSION] * int((~kept_mask).sum()), pa.int16())
-    )
     rejects_path = st.join(config.output, "rejects", f"{run_id}.parquet")
-    st.write_parquet_atomic(conform(dropped, DROPPED_SAMPLE), rejects_path, storage)
+    progress.phase("writing curated shards")
+    write_curated(parts, decisions.table, weights, curated_dir, storage)
+    write_rejects(decisions.table, rejects_path, storage)
     # Retried curated write tasks leave copies too (rejects come from one write, disjoint from kept).
     duplicates = deduplicate_parts(committed_parts(curated_dir, storage), [rejects_path], storage=storage)
-
-    plots = {}
-    for score in SCORES:
-        values = _scores(small, score)
-        by_source = {n: values[sources == n] for n in counts if np.isfinite(values[sources == n]).any()}
-        if by_source:
-            path = st.join(config.output, "plots", f"{score}.png")
-            st.write_bytes_atomic(path, score_histogram(by_source, decisions.thresholds, score), storage)
-            plots[score] = path
+    plots = write_plots(scored, decisions, names, st.join(config.output, "plots"), storage)
     return {
         "run_id": run_id,
-        "counts": counts,
+        "counts": summary.counts,
         "duplicate_scored_rows_dropped": scored_duplicates.rows,
         "duplicate_rows_dropped": duplicates.rows,
-        "score_quantiles": quantiles,
+        "score_quantiles": summary.quantiles,
         "thresholds": decisions.thresholds,
         "source_weights": weights,
-        "outputs": {
-            "curated": committed_parts(curated_dir, storage),
-            "rejects": rejects_path,
-            "plots": plots,
-        },
+        "outputs": {"curated": committed_parts(curated_dir, storage), "rejects": rejects_path, "plots": plots},
     }
 
 

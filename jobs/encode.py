@@ -19,7 +19,6 @@ Output layout under `output`:
 import sys
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,7 +31,7 @@ from pipelines.encode import (
     EncodingConfig,
     LatentEncoder,
     LatentPreprocess,
-    LatentSink,
+    latent_sink,
     read_encode_inputs,
 )
 from pipelines.latents import LatentLayout, latent_layout
@@ -43,9 +42,9 @@ from pipelines.manifest import (
     read_upstream,
     write_manifest,
 )
+from pipelines.parts import committed_parts, index_parts, read_parts
 from pipelines.runtime import RayConfig, init_ray
 from pipelines.schema import LATENT_MODALITIES, LATENT_STORAGE
-from pipelines.writer import committed_parts, deduplicate_parts, read_parts
 
 INPUT_JOBS = {"curate": "curated", "synthesize": "triplets"}  # input job -> its outputs entry
 
@@ -156,45 +155,39 @@ def run(config: EncodeConfig) -> dict:
     init_ray(config.ray.num_cpus)
     storage, encoding = config.storage, config.encoding()
     input_manifest, source_job = input_parts(config)
-    # key and source of every input row, per part: for the skip set, the counts and which parts to read
-    by_part = {p: read_parts([p], storage, columns=["key", "source"]) for p in source_job["parts"]}
-    inputs = pa.concat_tables(list(by_part.values())) if by_part else pa.table(
-        {"key": pa.array([], pa.string()), "source": pa.array([], pa.string())})
-    # A key the input holds twice (a retried write upstream) counts once; its copies dedupe below.
-    _, first = np.unique(inputs.column("key").to_numpy(zero_copy_only=False).astype(str), return_index=True)
-    input_duplicates = inputs.num_rows - len(first)
-    inputs = inputs.take(pa.array(np.sort(first), pa.int64()))
-    progress.log(f"{inputs.num_rows} input rows in {len(by_part)} parts ({source_job['job']} output)")
+    sink = latent_sink(config.output, encoding, storage, rows_per_part=config.rows_per_shard)
+    index = index_parts(source_job["parts"], storage)
+    inputs = index.rows
+    progress.log(f"{inputs.num_rows} input rows in {len(source_job['parts'])} parts ({source_job['job']} output)")
 
     done = _check_resumable(config, encoding, set(inputs.column("key").to_pylist()))
-    pending = [p for p, t in by_part.items() if any(k not in done for k in t.column("key").to_pylist())]
+    reads = index.reads(done)
     if done:
-        progress.log(f"resuming: {len(done)} rows already encoded or rejected; {len(pending)} parts to read")
+        progress.log(f"resuming: {len(done)} rows already encoded or rejected; {len(reads)} parts to read")
 
     progress.phase("encoding")
-    if pending:  # with nothing to do, no actor is started (each loads the codecs)
-        ds = read_encode_inputs(pending, storage, skip_keys=done, num_cpus=config.io_num_cpus)
+    if reads:  # with nothing to do, no actor is started (each loads the codecs)
+        ds = read_encode_inputs(reads, storage, num_cpus=config.io_num_cpus)
         ds = ds.map_batches(LatentPreprocess, **LatentPreprocess.map_batches_kwargs(encoding))
         ds = ds.map_batches(LatentEncoder, **LatentEncoder.map_batches_kwargs(encoding))
-        ds.write_datasink(LatentSink(config.output, encoding, storage, rows_per_shard=config.rows_per_shard),
-                          ray_remote_args={"num_cpus": config.io_num_cpus})
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": config.io_num_cpus})
 
     progress.phase("counting")
     # A row written twice (a write task retried after it had committed, or a key the input holds
     # twice) stays once; a row in both latents and rejects stays in latents.
-    duplicates = deduplicate_parts(committed_parts(st.join(config.output, "latents"), storage),
-                                   committed_parts(st.join(config.output, "rejects"), storage), storage=storage)
+    duplicates = sink.deduplicate()
     counts = _counts(config, inputs)
     timings = progress.done()
     new_rows = inputs.num_rows - len(done)
-    latent_parts = committed_parts(st.join(config.output, "latents"), storage)
+    outputs = sink.parts()
+    latent_parts = outputs["latents"]
     layout = output_layout(latent_parts, encoding, storage)
     manifest = EncodeManifest.of(
         config, timings,
         input={"path": config.input, "manifest": input_manifest, "job": source_job["job"], "parts": source_job["parts"]},
         counts=counts,
         resumed_rows=len(done),
-        input_duplicate_keys=input_duplicates,
+        input_duplicate_keys=index.repeated_keys,
         duplicate_rows_dropped=duplicates.rows,
         modalities={
             "encoded": [m.value for m in encoding.modalities],
@@ -208,7 +201,7 @@ def run(config: EncodeConfig) -> dict:
         },
         codecs={m.value: c for m, c in encoding.codecs.items()},
         pooled={m.value: c for m, c in encoding.pooled.items()},
-        outputs={"latents": latent_parts, "rejects": committed_parts(st.join(config.output, "rejects"), storage)},
+        outputs=outputs,
         rows_per_s=round(new_rows / timings["encoding"], 2) if timings.get("encoding") else None,
     )
     for name, c in counts.items():

@@ -19,6 +19,7 @@ Output layout under `output`:
     manifest.json             config and hash, input, counts per source, outputs, timings, versions
 """
 
+import functools
 import re
 import sys
 from collections import Counter
@@ -31,8 +32,7 @@ from jobs.common import Progress, job_main
 from omniflow import storage as st
 from pipelines.generators.base import MODALITIES, ModalityName
 from pipelines.generators.config import GeneratorsConfig
-from pipelines.generators.parts import TripletSink, read_curated_part
-from pipelines.generators.stage import ORDER, GenerateStage
+from pipelines.generators.stage import ORDER, SYNTHESIS_SAMPLE, GenerateStage, start_rows
 from pipelines.manifest import (
     SynthesizeCounts,
     SynthesizeManifest,
@@ -40,9 +40,9 @@ from pipelines.manifest import (
     read_upstream,
     write_manifest,
 )
+from pipelines.parts import KeptRejectedSink, PartIndex, index_parts, read_parts, read_parts_dataset
 from pipelines.runtime import RayConfig, init_ray
 from pipelines.schema import DROPPED_SAMPLE, TRIPLET_SAMPLE
-from pipelines.writer import committed_keys, committed_parts, deduplicate_parts, read_parts
 
 
 class SynthesizeConfig(BaseModel):
@@ -91,46 +91,35 @@ def curated_parts(config: SynthesizeConfig) -> tuple[str, list[str]]:
 
 # ---- the job -------------------------------------------------------------------------------
 
+STAGE = "synthesize"  # the `stage` of every reject the job writes
 
-def synthesize_stage(config: SynthesizeConfig, parts: list[str], progress: Progress) -> dict[str, int]:
-    """Generate and write every input row not yet in `triplets/` or `rejects/`.
 
-    Returns the input rows per source (read from the parts' key and source columns), a key that
-    the input holds twice (a retried write upstream) counted once: its outputs are de-duplicated.
-    """
-    import ray
+def triplet_sink(config: SynthesizeConfig) -> KeptRejectedSink:
+    """The job's output: complete rows under `triplets/`, rows it could not complete under `rejects/`."""
+    return KeptRejectedSink(config.output, "triplets", TRIPLET_SAMPLE, config.storage,
+                            rows_per_part=config.rows_per_part, reject_stage=STAGE)
 
-    storage = config.storage
-    done = committed_keys(st.join(config.output, "triplets"), storage) | committed_keys(
-        st.join(config.output, "rejects"), storage
-    )
-    items, source_of = [], {}
-    for path in parts:
-        index = read_parts([path], storage, columns=["key", "source"])
-        keys = index.column("key").to_pylist()
-        source_of.update(zip(keys, index.column("source").to_pylist()))
-        skip = [k for k in keys if k in done]
-        if len(skip) < len(keys):
-            items.append({"path": path, "skip": skip})
+
+def synthesize_stage(config: SynthesizeConfig, index: PartIndex, progress: Progress) -> None:
+    """Generate and write every input row not yet in `triplets/` or `rejects/`."""
+    sink = triplet_sink(config)
+    done = sink.done_keys()
+    reads = index.reads(done)
     if done:
         progress.log(f"resuming: {len(done)} rows already written")
-    if not items:
+    if not reads:
         progress.log("nothing left to generate")
-        return dict(Counter(source_of.values()))
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        read_curated_part, fn_kwargs={"storage": storage, "fill": list(config.fill)},
-        batch_size=1, batch_format="pyarrow", num_cpus=config.io_num_cpus,
-    )
+        return
+    ds = read_parts_dataset(reads, config.storage, schema=SYNTHESIS_SAMPLE,
+                            prepare=functools.partial(start_rows, fill=list(config.fill)), num_cpus=config.io_num_cpus)
     for modality in ORDER:
         if modality in config.fill:
             generator = getattr(config.generators, modality)
             ds = ds.map_batches(GenerateStage, **GenerateStage.map_batches_kwargs(modality, generator, base_seed=config.seed))
-    sink = TripletSink(config.output, storage, rows_per_part=config.rows_per_part)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": config.io_num_cpus})
-    return dict(Counter(source_of.values()))
 
 
-def _counts(config: SynthesizeConfig, input_counts: dict[str, int], triplets: pa.Table,
+def _counts(input_counts: dict[str, int], triplets: pa.Table,
             rejects: pa.Table) -> dict[str, SynthesizeCounts]:
     counts = {}
     for source, n in sorted(input_counts.items()):
@@ -156,19 +145,20 @@ def run(config: SynthesizeConfig) -> dict:
     init_ray(config.ray.num_cpus)
     progress.log(f"{len(parts)} curated parts from {input_manifest}; filling {config.fill}")
     progress.phase("generating")
-    input_counts = synthesize_stage(config, parts, progress)
+    index = index_parts(parts, storage)
+    synthesize_stage(config, index, progress)
     progress.phase("counting and checking")
     # A write task retried after it had committed leaves rows twice, or (first failed, then
     # succeeded) a key in both outputs: one copy stays, a triplet over a reject.
-    duplicates = deduplicate_parts(committed_parts(st.join(config.output, "triplets"), storage),
-                                   committed_parts(st.join(config.output, "rejects"), storage), storage=storage)
-    outputs = {kind: committed_parts(st.join(config.output, kind), storage) for kind in ("triplets", "rejects")}
+    sink = triplet_sink(config)
+    duplicates = sink.deduplicate()
+    outputs = sink.parts()
     flags = [f"{m}_synthetic" for m in MODALITIES]
     triplets = read_parts(outputs["triplets"], storage, columns=["key", "source", *flags])
     rejects = read_parts(outputs["rejects"], storage, columns=["key", "source", "reason"])
     triplets = triplets if triplets is not None else TRIPLET_SAMPLE.empty_table().select(["key", "source", *flags])
     rejects = rejects if rejects is not None else DROPPED_SAMPLE.empty_table().select(["key", "source", "reason"])
-    counts = _counts(config, input_counts, triplets, rejects)
+    counts = _counts(index.count_by_source(), triplets, rejects)
     reasons = Counter(_reason_kind(r) for r in rejects.column("reason").to_pylist())
     manifest = SynthesizeManifest.of(
         config, progress.done(), input={"manifest": input_manifest, "curated": parts}, counts=counts,

@@ -42,9 +42,9 @@ from omniflow.config import ConfigError, load_config
 from omniflow.modality import MODALITIES
 from pipelines.manifest import TrainManifest, read_upstream, write_manifest
 from pipelines.mixing import SYNTHETIC_FLAG, DatasetSpec, presence, stream_weights, task_choice
+from pipelines.parts import read_parts
 from pipelines.runtime import init_ray
 from pipelines.schema import LATENT_MODALITIES, latent_column, pooled_column
-from pipelines.writer import read_parts
 
 if TYPE_CHECKING:
     import ray.data

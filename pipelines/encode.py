@@ -11,25 +11,24 @@ Two stages, so that each scales on its own:
   latents, is rejected (stage "encode"); a failed batch is retried row by row so that one bad row
   does not take its batch down.
 
-`LatentSink` then commits each write task's rows whole: encoded rows as `latents/part-*.parquet`
+`latent_sink` then commits each write task's rows whole: encoded rows as `latents/part-*.parquet`
 (`schema.latent_sample_schema`), rejected ones as `rejects/part-*.parquet` (`schema.DROPPED_SAMPLE`).
 
     config = EncodingConfig(codecs={"image": {"kind": "image-vae", "path": "vae", "resolution": 256}},
                             encoder={"num_gpus": 1, "concurrency": 4, "batch_size": 256}, dtype="bfloat16")
-    ds = read_encode_inputs(parts, storage)
+    ds = read_encode_inputs(index_parts(parts, storage).reads(), storage)
     ds = ds.map_batches(LatentPreprocess, **LatentPreprocess.map_batches_kwargs(config))
     ds = ds.map_batches(LatentEncoder, **LatentEncoder.map_batches_kwargs(config))
-    ds.write_datasink(LatentSink("s3://bucket/latents", config, storage, rows_per_shard=1024))
+    ds.write_datasink(latent_sink("s3://bucket/latents", config, storage, rows_per_part=1024))
 """
 
+import functools
 import logging
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,24 +36,22 @@ from omniflow import storage as st
 from omniflow.codecs.base import codec_config_for
 from omniflow.config import config_hash
 from omniflow.modality import MODALITIES, Modality
+from pipelines.parts import KeptRejectedSink, read_parts_dataset
 from pipelines.resources import StageResources, resolve_device
+from pipelines.rows import rejects, set_column, tensor_rows, with_rejects
 from pipelines.schema import (
-    DROPPED_SAMPLE,
     LATENT_MODALITIES,
     LATENT_STORAGE,
     MEDIA_COLUMN,
     MEDIA_COLUMNS,
-    REJECTED,
     SCHEMA_VERSION,
     SYNTHETIC_FLAG,
     TRIPLET_SAMPLE,
-    conform,
     latent_column,
     latent_sample_schema,
     pooled_column,
     tensor_column,
 )
-from pipelines.writer import AtomicParquetSink
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +67,7 @@ SYNTHETIC_FLAGS = tuple(SYNTHETIC_FLAG.values())
 INPUT_COLUMNS = ("key", "source", "sample_id", *MEDIA_COLUMNS, "source_weight", *SYNTHETIC_FLAGS)
 # Model inputs passed from LatentPreprocess to LatentEncoder, which drops them.
 IMAGE_PIXELS, AUDIO_WAVE = "image_pixels", "audio_wave"
-REJECT_STAGE, REJECT_REASON = "reject_stage", "reject_reason"
+INPUT_SAMPLE = pa.schema([TRIPLET_SAMPLE.field(name) for name in INPUT_COLUMNS])
 
 
 class EncodingConfig(BaseModel):
@@ -137,70 +134,28 @@ def load_encoders(config: EncodingConfig, device: "torch.device") -> tuple[dict[
 
 
 def read_encode_inputs(
-    parts: Sequence[str],
+    reads: Sequence[dict[str, Any]],
     storage: st.StorageConfig,
     *,
-    skip_keys: Collection[str] = (),
     rows_per_block: int = 256,
     num_cpus: float = 0.5,
 ) -> "ray.data.Dataset":
-    """The rows of curated / triplet parts (one read task per part) not in `skip_keys`.
-
-    Reads only `INPUT_COLUMNS`; curated parts get false synthetic flags. Blocks hold at most
-    `rows_per_block` rows so that media bytes never sit in memory a whole part at a time.
-    """
-    if not parts:
-        return ray.data.from_arrow(_input_schema().empty_table())
-    items = [{"path": st.absolute(p)} for p in parts]
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _read_parts,
-        fn_kwargs={"storage": storage, "skip": frozenset(skip_keys), "rows_per_block": rows_per_block},
-        batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
-        # A read that fails on a transient storage error is retried. Being an option that actor
-        # stages lack, it also keeps Ray from fusing the read into the decode actors: fused, one
-        # actor task would take a decode batch's worth of parts and read them one after another.
-        max_retries=3,
-    )
+    """The rows of curated / triplet parts that `reads` (`parts.PartIndex.reads`) name, one read
+    task per part, as `INPUT_COLUMNS`; curated parts get false synthetic flags. Blocks hold at most
+    `rows_per_block` rows so that media bytes never sit in memory a whole part at a time."""
+    return read_parts_dataset(reads, storage, schema=INPUT_SAMPLE, columns=INPUT_COLUMNS, prepare=_with_flags,
+                              rows_per_block=rows_per_block, num_cpus=num_cpus)
 
 
-def _input_schema() -> pa.Schema:
-    return pa.schema([TRIPLET_SAMPLE.field(name) for name in INPUT_COLUMNS])
-
-
-def _read_parts(batch: pa.Table, *, storage: st.StorageConfig, skip: frozenset, rows_per_block: int) -> Iterator[pa.Table]:
-    schema = _input_schema()
-    empty = True
-    for path in batch.column("path").to_pylist():
-        with st.open_input(path, storage) as f:
-            part = pq.ParquetFile(f)
-            columns = [c for c in INPUT_COLUMNS if c in part.schema_arrow.names]
-            for record_batch in part.iter_batches(batch_size=rows_per_block, columns=columns):
-                table = pa.Table.from_batches([record_batch])
-                if skip:
-                    keys = table.column("key").to_pylist()
-                    table = table.filter(pa.array([k not in skip for k in keys], pa.bool_()))
-                if table.num_rows:
-                    for flag in SYNTHETIC_FLAGS:
-                        if flag not in table.column_names:
-                            table = table.append_column(flag, pa.array(np.zeros(table.num_rows, bool)))
-                    empty = False
-                    yield conform(table, schema)
-    if empty:
-        yield schema.empty_table()
+def _with_flags(table: pa.Table) -> pa.Table:
+    """Curated rows (no synthetic flags) as input rows: nothing in them is synthetic."""
+    for flag in SYNTHETIC_FLAGS:
+        if flag not in table.column_names:
+            table = table.append_column(flag, pa.array(np.zeros(table.num_rows, bool)))
+    return table
 
 
 # ---- batch helpers ---------------------------------------------------------------------------
-
-
-def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, values)
-    return table.append_column(name, values)
-
-
-def tensor_rows(table: pa.Table, name: str) -> np.ndarray:
-    """A fixed-shape tensor column -> (N, *shape) numpy array."""
-    return table.column(name).combine_chunks().to_numpy_ndarray()
 
 
 def to_storage(values: "torch.Tensor", dtype: str) -> np.ndarray:
@@ -211,18 +166,6 @@ def to_storage(values: "torch.Tensor", dtype: str) -> np.ndarray:
     if dtype == "bfloat16":
         return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     return values.to(getattr(torch, dtype)).numpy()
-
-
-def _rejects(table: pa.Table) -> tuple[list, list]:
-    n = table.num_rows
-    stage = table.column(REJECT_STAGE).to_pylist() if REJECT_STAGE in table.column_names else [None] * n
-    reason = table.column(REJECT_REASON).to_pylist() if REJECT_REASON in table.column_names else [None] * n
-    return stage, reason
-
-
-def _with_rejects(table: pa.Table, stage: list, reason: list) -> pa.Table:
-    table = _set_column(table, REJECT_STAGE, pa.array(stage, pa.string()))
-    return _set_column(table, REJECT_REASON, pa.array(reason, pa.string()))
 
 
 # ---- CPU stage -------------------------------------------------------------------------------
@@ -274,12 +217,12 @@ class LatentPreprocess:
 
         n = batch.num_rows
         if n == 0 and "key" not in batch.column_names:  # Ray may pass an empty block without columns
-            batch = _input_schema().empty_table()
-        stage, reason = _rejects(batch)
+            batch = INPUT_SAMPLE.empty_table()
+        stage, reason = rejects(batch)
         out = batch
         for modality in MODALITIES:
             present = batch.column(MEDIA_COLUMN[modality]).is_valid().to_numpy(zero_copy_only=False)
-            out = _set_column(out, f"has_{modality.value}", pa.array(present & (modality in self.config.codecs)))
+            out = set_column(out, f"has_{modality.value}", pa.array(present & (modality in self.config.codecs)))
         for modality, column, decode, shape in self.inputs:
             inputs = np.zeros((n, *shape), np.float32)
             for i, data in enumerate(batch.column(MEDIA_COLUMN[modality]).to_pylist()):
@@ -289,9 +232,9 @@ class LatentPreprocess:
                     inputs[i] = decode(data)
                 except MediaError as err:
                     stage[i], reason[i] = DECODE_STAGE, f"{modality.value}: {err}"
-            out = _set_column(out, column, tensor_column(column, inputs, pa.float32()))
+            out = set_column(out, column, tensor_column(column, inputs, pa.float32()))
         out = out.drop_columns([c for c in ("image", "audio") if c in out.column_names])
-        return _with_rejects(out, stage, reason)
+        return with_rejects(out, stage, reason)
 
 
 # ---- encoder actor ---------------------------------------------------------------------------
@@ -390,7 +333,7 @@ class LatentEncoder:
 
     def _encode(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        stage, reason = _rejects(batch)
+        stage, reason = rejects(batch)
         alive = np.array([r is None for r in reason], bool)
         columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for modality, codec in self.codecs.items():
@@ -408,23 +351,12 @@ class LatentEncoder:
         rejected = np.array([r is not None for r in reason], bool)
         out = batch.drop_columns([c for c in (IMAGE_PIXELS, AUDIO_WAVE) if c in batch.column_names])
         for name, (values, valid) in columns.items():
-            out = _set_column(out, name, tensor_column(name, values, self.value_type, valid & ~rejected))
-        out = _set_column(out, "schema_version", pa.array(np.full(n, SCHEMA_VERSION, np.int16)))
-        return _with_rejects(out, stage, reason)
+            out = set_column(out, name, tensor_column(name, values, self.value_type, valid & ~rejected))
+        out = set_column(out, "schema_version", pa.array(np.full(n, SCHEMA_VERSION, np.int16)))
+        return with_rejects(out, stage, reason)
 
 
 # ---- writing ---------------------------------------------------------------------------------
-
-
-def dropped_rows(table: pa.Table) -> pa.Table:
-    """Rejected rows (reject_reason set) -> `DROPPED_SAMPLE` rows."""
-    n = table.num_rows
-    out = table.select(["key", "source", "sample_id"])
-    out = out.append_column("status", pa.array([REJECTED] * n, pa.string()))
-    out = out.append_column("stage", table.column(REJECT_STAGE))
-    out = out.append_column("reason", table.column(REJECT_REASON))
-    out = out.append_column("schema_version", pa.array(np.full(n, SCHEMA_VERSION, np.int16)))
-    return conform(out, DROPPED_SAMPLE)
 
 
 def output_schema(table: pa.Table, config: EncodingConfig) -> pa.Schema:
@@ -437,32 +369,9 @@ def output_schema(table: pa.Table, config: EncodingConfig) -> pa.Schema:
     return latent_sample_schema(latent_shapes=latents, pooled_dims=pooled, dtype=config.dtype, codec_hash=config.codec_hash())
 
 
-class LatentSink(ray.data.Datasink):
-    """Commits each write task's rows: encoded ones to `output/latents/`, rejected ones to
-    `output/rejects/`, in whole parts of about `rows_per_shard` rows (`AtomicParquetSink`).
-
-    The latent schema comes from the encoder's output (its tensor columns carry the codecs'
-    shapes) and `config` (dtype, codec hash). A killed job leaves only whole parts; each row is
-    in one of them or in none, so the rerun's skip set (keys of both directories) neither loses
-    nor repeats a row.
-    """
-
-    def __init__(self, output: str, config: EncodingConfig, storage: st.StorageConfig, *, rows_per_shard: int):
-        self.output, self.config, self.storage, self.rows_per_shard = output, config, storage, rows_per_shard
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_shard
-
-    def write(self, blocks, ctx) -> list[str]:
-        tables = [b if isinstance(b, pa.Table) else pa.table(b) for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return []
-        table = pa.concat_tables(tables)
-        rejected = table.column(REJECT_REASON).is_valid()
-        latents = AtomicParquetSink(st.join(self.output, "latents"), output_schema(table, self.config), self.storage,
-                                    rows_per_part=self.rows_per_shard)
-        rejects = AtomicParquetSink(st.join(self.output, "rejects"), DROPPED_SAMPLE, self.storage)
-        written = latents.write([table.filter(pc.invert(rejected))], ctx)
-        return written + rejects.write([dropped_rows(table.filter(rejected))], ctx)
+def latent_sink(output: str, config: EncodingConfig, storage: st.StorageConfig, *, rows_per_part: int) -> KeptRejectedSink:
+    """The encode job's output: encoded rows as `output/latents/` parts of about `rows_per_part`
+    rows (`schema.latent_sample_schema`, shapes as the encoder's tensor columns have them),
+    rejected ones under `output/rejects/`."""
+    return KeptRejectedSink(output, "latents", functools.partial(output_schema, config=config), storage,
+                            rows_per_part=rows_per_part)

@@ -293,7 +293,7 @@ def adopt_parts(output: str, parts: list[str], storage: st.StorageConfig, *,
     (`CURATED_SAMPLE` for curate, `TRIPLET_SAMPLE` for synthesize): a data set prepared by other
     tools, or a test's input, then reads as that job's output. Every row counts as kept; the
     counts come from the parts' `source` column."""
-    from pipelines.writer import read_parts
+    from pipelines.parts import read_parts
 
     flags = list(SYNTHETIC_FLAG.values()) if job == "synthesize" else []
     table = read_parts(parts, storage, columns=["source", "source_weight", *flags])

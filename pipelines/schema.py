@@ -25,6 +25,11 @@ SYNTHETIC_FLAG: dict[Modality, str] = {m: f"{column}_synthetic" for m, column in
 # Row statuses after curation, and the stages a reject can come from.
 KEPT, FILTERED, REJECTED = "kept", "filtered", "rejected"
 
+# The two columns a row carries through the stages of a job: null while it is alive; once set, the
+# stage that rejected it and why. Writers turn such rows into `DROPPED_SAMPLE` rows.
+REJECT_STAGE = pa.field("reject_stage", pa.string())
+REJECT_REASON = pa.field("reject_reason", pa.string())
+
 # A sample as read from a source, before decoding: media stay encoded bytes.
 RAW_SAMPLE = pa.schema(
     [
@@ -40,8 +45,7 @@ RAW_SAMPLE = pa.schema(
 
 # As read, with the reject columns, so that a read failure travels with the rows into decoding.
 READ_SAMPLE = pa.schema(
-    list(RAW_SAMPLE)
-    + [pa.field("reject_stage", pa.string()), pa.field("reject_reason", pa.string())]
+    list(RAW_SAMPLE) + [REJECT_STAGE, REJECT_REASON]
 )
 
 # A decoded and scored sample (one row per input sample, kept or not).
@@ -58,15 +62,15 @@ SCORED_SAMPLE = pa.schema(
         # The CLIP image embedding (unit vector, its length is the CLIP model's width), kept for
         # near-duplicate removal; curated shards leave it out.
         pa.field("image_embedding", pa.list_(pa.float16())),
-        pa.field("reject_stage", pa.string()),  # null when the sample decoded and scored
-        pa.field("reject_reason", pa.string()),
+        REJECT_STAGE,  # null when the sample decoded and scored
+        REJECT_REASON,
         pa.field("schema_version", pa.int16(), nullable=False),
     ]
 )
 
 # The curated output: scored samples that passed every filter, with the source's weight.
 CURATED_SAMPLE = pa.schema(
-    [f for f in SCORED_SAMPLE if f.name not in ("image_embedding", "reject_stage", "reject_reason")]
+    [f for f in SCORED_SAMPLE if f.name not in ("image_embedding", REJECT_STAGE.name, REJECT_REASON.name)]
     + [pa.field("source_weight", pa.float32(), nullable=False)]
 )
 

@@ -35,6 +35,7 @@ from omniflow.scoring.clap import (
 )
 from omniflow.scoring.clip import ClipConfig, clip_transform, load_clip, preprocess_config
 from pipelines.resources import StageResources, resolve_device
+from pipelines.rows import rejects, set_column, tensor_rows, with_rejects
 from pipelines.schema import SCORED_SAMPLE, tensor_column
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ IMAGE, CAPTION, AUDIO = (SCORED_SAMPLE.field(n) for n in ("image", "caption", "a
 CLIP_SCORE, AESTHETIC_SCORE, CLAP_SCORE, IMAGE_EMBEDDING = (
     SCORED_SAMPLE.field(n) for n in ("clip_score", "aesthetic_score", "clap_score", "image_embedding")
 )
-REJECT_STAGE, REJECT_REASON = SCORED_SAMPLE.field("reject_stage"), SCORED_SAMPLE.field("reject_reason")
 SCORE_STAGE = "score"  # the reject_stage of media that fail to decode here
 # Model inputs passed from a preprocessing stage to its scorer; the scorer drops them.
 CLIP_PIXELS = "clip_pixels"  # (3, S, S) float32, zeros where the row has no image
@@ -78,26 +78,6 @@ class ClapScoringConfig(BaseModel):
 # ---- batch helpers -------------------------------------------------------------------------
 
 
-def _set_column(table: pa.Table, field: pa.Field | str, values: pa.Array) -> pa.Table:
-    name = field if isinstance(field, str) else field.name
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, values)
-    return table.append_column(name, values)
-
-
-def _rejects(table: pa.Table) -> tuple[list[str | None], list[str | None]]:
-    """(reject_stage, reject_reason) as lists, all null when the columns are absent."""
-    n = table.num_rows
-    stage = table.column(REJECT_STAGE.name).to_pylist() if REJECT_STAGE.name in table.column_names else [None] * n
-    reason = table.column(REJECT_REASON.name).to_pylist() if REJECT_REASON.name in table.column_names else [None] * n
-    return stage, reason
-
-
-def _with_rejects(table: pa.Table, stage: list, reason: list) -> pa.Table:
-    table = _set_column(table, REJECT_STAGE, pa.array(stage, REJECT_STAGE.type))
-    return _set_column(table, REJECT_REASON, pa.array(reason, REJECT_REASON.type))
-
-
 def _scores(n: int, rows: np.ndarray, values: torch.Tensor, field: pa.Field) -> pa.Array:
     """A column of `n` nulls with `values` at `rows`."""
     out = np.zeros(n, np.float32)
@@ -116,10 +96,6 @@ def _vectors(n: int, rows: np.ndarray, values_RD: torch.Tensor, field: pa.Field)
     mask = np.ones(n, bool)
     mask[rows] = False
     return pa.ListArray.from_arrays(offsets, values, type=field.type, mask=pa.array(mask))
-
-
-def _tensor_rows(table: pa.Table, name: str) -> np.ndarray:
-    return table.column(name).combine_chunks().to_numpy_ndarray()
 
 
 def tokenizer_text(caption: str) -> str:
@@ -151,7 +127,7 @@ class ClipPreprocess:
         return config.preprocess.map_batches_kwargs({"config": config.model_dump(mode="json")})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        stage, reason = _rejects(batch)
+        stage, reason = rejects(batch)
         pixels = np.zeros((batch.num_rows, *self.pixel_shape), np.float32)
         for i, data in enumerate(batch.column(IMAGE.name).to_pylist()):
             if data is None or reason[i] is not None:
@@ -160,8 +136,8 @@ class ClipPreprocess:
                 pixels[i] = self.transform(decode_image(data)).numpy()
             except MediaError as err:
                 stage[i], reason[i] = SCORE_STAGE, str(err)
-        batch = _with_rejects(batch, stage, reason)
-        return _set_column(batch, CLIP_PIXELS, tensor_column(CLIP_PIXELS, pixels, pa.float32()))
+        batch = with_rejects(batch, stage, reason)
+        return set_column(batch, CLIP_PIXELS, tensor_column(CLIP_PIXELS, pixels, pa.float32()))
 
 
 class ClipScorer:
@@ -188,7 +164,7 @@ class ClipScorer:
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
-        _, reason = _rejects(batch)
+        _, reason = rejects(batch)
         images = batch.column(IMAGE.name).is_valid().to_numpy(zero_copy_only=False)
         captions = batch.column(CAPTION.name).to_pylist()
         alive = np.array([r is None for r in reason], bool)
@@ -198,7 +174,7 @@ class ClipScorer:
         clip_scores = aesthetic_scores = torch.zeros(0)
         image_embeds = torch.zeros(0, 0)
         if len(with_image):
-            pixels = torch.from_numpy(_tensor_rows(batch, CLIP_PIXELS)[with_image])
+            pixels = torch.from_numpy(tensor_rows(batch, CLIP_PIXELS)[with_image])
             image_embeds = self.clip.embed_images(pixels)
             if self.aesthetic is not None:
                 aesthetic_scores = self.aesthetic(image_embeds)
@@ -207,10 +183,10 @@ class ClipScorer:
                 texts = [tokenizer_text(captions[i]) for i in with_pair]
                 clip_scores = self.clip.similarity(paired, self.clip.embed_texts(texts))
         out = batch.drop_columns([CLIP_PIXELS])
-        out = _set_column(out, CLIP_SCORE, _scores(n, with_pair, clip_scores, CLIP_SCORE))
-        out = _set_column(out, IMAGE_EMBEDDING, _vectors(n, with_image, image_embeds, IMAGE_EMBEDDING))
+        out = set_column(out, CLIP_SCORE, _scores(n, with_pair, clip_scores, CLIP_SCORE))
+        out = set_column(out, IMAGE_EMBEDDING, _vectors(n, with_image, image_embeds, IMAGE_EMBEDDING))
         aesthetic_rows = with_image if self.aesthetic is not None else np.zeros(0, np.int64)
-        return _set_column(out, AESTHETIC_SCORE, _scores(n, aesthetic_rows, aesthetic_scores, AESTHETIC_SCORE))
+        return set_column(out, AESTHETIC_SCORE, _scores(n, aesthetic_rows, aesthetic_scores, AESTHETIC_SCORE))
 
 
 def add_clip_scoring(ds: "ray.data.Dataset", config: ClipScoringConfig) -> "ray.data.Dataset":
@@ -238,7 +214,7 @@ class ClapPreprocess:
         return config.preprocess.map_batches_kwargs({"config": config.model_dump(mode="json")})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        stage, reason = _rejects(batch)
+        stage, reason = rejects(batch)
         rows, waves = [], []
         for i, data in enumerate(batch.column(AUDIO.name).to_pylist()):
             if data is None or reason[i] is not None:
@@ -254,9 +230,9 @@ class ClapPreprocess:
             computed = audio_features(self.extractor, waves)
             features[rows] = computed.input_features.numpy()
             is_longer[rows] = computed.is_longer.numpy().reshape(-1)
-        out = _with_rejects(batch, stage, reason)
-        out = _set_column(out, CLAP_FEATURES, tensor_column(CLAP_FEATURES, features, pa.float32()))
-        return _set_column(out, CLAP_IS_LONGER, pa.array(is_longer))
+        out = with_rejects(batch, stage, reason)
+        out = set_column(out, CLAP_FEATURES, tensor_column(CLAP_FEATURES, features, pa.float32()))
+        return set_column(out, CLAP_IS_LONGER, pa.array(is_longer))
 
 
 class ClapScorer:
@@ -273,7 +249,7 @@ class ClapScorer:
 
     @torch.inference_mode()
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _, reason = _rejects(batch)
+        _, reason = rejects(batch)
         audio = batch.column(AUDIO.name).is_valid().to_numpy(zero_copy_only=False)
         captions = batch.column(CAPTION.name).to_pylist()
         rows = np.array(
@@ -283,7 +259,7 @@ class ClapScorer:
         scores = torch.zeros(0)
         if len(rows):
             features = AudioFeatures(
-                input_features=torch.from_numpy(_tensor_rows(batch, CLAP_FEATURES)[rows]),
+                input_features=torch.from_numpy(tensor_rows(batch, CLAP_FEATURES)[rows]),
                 is_longer=torch.from_numpy(batch.column(CLAP_IS_LONGER).to_numpy()[rows]).reshape(-1, 1),
             )
             scores = self.clap.similarity(
@@ -291,7 +267,7 @@ class ClapScorer:
                 self.clap.embed_texts([tokenizer_text(captions[i]) for i in rows]),
             )
         out = batch.drop_columns([CLAP_FEATURES, CLAP_IS_LONGER])
-        return _set_column(out, CLAP_SCORE, _scores(batch.num_rows, rows, scores, CLAP_SCORE))
+        return set_column(out, CLAP_SCORE, _scores(batch.num_rows, rows, scores, CLAP_SCORE))
 
 
 def add_clap_scoring(ds: "ray.data.Dataset", config: ClapScoringConfig) -> "ray.data.Dataset":

@@ -32,6 +32,7 @@ from pydantic import Field, TypeAdapter, model_validator
 from omniflow import storage as st
 from omniflow.storage import StorageConfig
 from pipelines import plugins
+from pipelines.parts import one_task_per_item
 from pipelines.plugins import GeneratedSource, SourceBase
 from pipelines.schema import READ_SAMPLE
 
@@ -585,13 +586,8 @@ def read_sources(
     ]
     if not items:
         return ray.data.from_arrow(READ_SAMPLE.empty_table())
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _read_items,
-        fn_kwargs={"sources": {s.name: s for s in sources}, "storage": storage},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=num_cpus,
-    )
+    return one_task_per_item(items, _read_items, fn_kwargs={"sources": {s.name: s for s in sources}, "storage": storage},
+                             num_cpus=num_cpus)
 
 
 def _read_items(

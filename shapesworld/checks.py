@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from omniflow import storage as st
 from omniflow.codecs.media import decode_audio, decode_image
 from pipelines.manifest import read_upstream
-from pipelines.writer import read_parts
+from pipelines.parts import read_parts
 from shapesworld.checkers import read_audio, read_caption, read_image
 from shapesworld.defects import make_records
 

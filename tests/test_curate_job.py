@@ -14,8 +14,8 @@ import pytest
 from jobs.curate import CurateConfig, main, run
 from omniflow import storage as st
 from omniflow.config import ConfigError, load_config
+from pipelines.parts import committed_parts, read_parts
 from pipelines.schema import CURATED_SAMPLE, DROPPED_SAMPLE
-from pipelines.writer import committed_parts, read_parts
 from shapesworld import checks
 
 SOURCE = {"name": "shapes", "type": "shapesworld", "samples": 120, "seed": 3, "defect_rate": 0.25,

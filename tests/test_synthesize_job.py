@@ -25,8 +25,8 @@ from pipelines.generators.config import GeneratorsConfig
 from pipelines.generators.factory import build_generator
 from pipelines.generators.stage import fill_batch, start_rows
 from pipelines.manifest import adopt_parts
+from pipelines.parts import read_parts
 from pipelines.schema import CURATED_SAMPLE, DROPPED_SAMPLE, SCHEMA_VERSION, TRIPLET_SAMPLE
-from pipelines.writer import read_parts
 from shapesworld import checks, make_records, read_audio, read_caption, read_image
 
 RENDERER = {"type": "shapesworld", "resources": {"batch_size": 16, "concurrency": 1, "num_cpus": 0.5}}
@@ -200,14 +200,15 @@ def test_killed_run_resumes_without_loss_or_duplication(tmp_path, ray_cluster, c
 
 
 def _dies_after_first_commit(marker: str):
-    """A `TripletSink` whose first write task commits its parts, commits its live rows again as
+    """A `KeptRejectedSink` whose first write task commits its parts, commits its live rows again as
     rejects (as if generation had failed before a retry succeeded), records how many rows it wrote
     twice, and kills its worker: Ray runs the task again, which commits the same rows under new
     part names. Defined in a function so that Ray ships the class by value to its workers."""
-    from pipelines.generators import parts
-    from pipelines.generators.stage import REJECT_REASON
+    from pipelines.parts import AtomicParquetSink, KeptRejectedSink
+    from pipelines.rows import dropped_rows
+    from pipelines.schema import DROPPED_SAMPLE, REJECT_REASON
 
-    class DiesAfterFirstCommit(parts.TripletSink):
+    class DiesAfterFirstCommit(KeptRejectedSink):
         def write(self, blocks, ctx):
             table = pa.concat_tables([b for b in blocks if b.num_rows])
             written = super().write([table], ctx)
@@ -218,7 +219,8 @@ def _dies_after_first_commit(marker: str):
             live = table.filter(table.column(REJECT_REASON.name).is_null())
             failed = live.set_column(live.schema.get_field_index(REJECT_REASON.name), REJECT_REASON.name,
                                      pa.array(["generation failed (transient)"] * live.num_rows, pa.string()))
-            self.rejects.write([parts.rejects_of(failed)], ctx)
+            rejects = AtomicParquetSink(self.directories["rejects"], DROPPED_SAMPLE, self.storage)
+            rejects.write([dropped_rows(failed, stage=self.reject_stage)], ctx)
             os.write(fd, str(table.num_rows + live.num_rows).encode())
             os.close(fd)
             os._exit(1)
@@ -239,7 +241,7 @@ def test_write_task_retried_after_it_committed(tmp_path, ray_cluster, monkeypatc
     curated = _curated_input(str(tmp_path / "in"), rows, st.StorageConfig(), per_part=6)
     config = _config(curated, str(tmp_path / "out"), fill=["image"], rows_per_part=4)
     marker = tmp_path / "first-attempt"
-    monkeypatch.setattr(jobs.synthesize, "TripletSink", _dies_after_first_commit(str(marker)))
+    monkeypatch.setattr(jobs.synthesize, "KeptRejectedSink", _dies_after_first_commit(str(marker)))
     manifest = run(config)
 
     assert manifest["duplicate_rows_dropped"] == int(marker.read_text()) > 0  # what the first attempt wrote

@@ -29,9 +29,9 @@ from pipelines.generators.base import (
     row_seed,
 )
 from pipelines.generators.factory import build_generator
-from pipelines.schema import CURATED_SAMPLE, TRIPLET_SAMPLE, conform
+from pipelines.schema import CURATED_SAMPLE, REJECT_REASON, TRIPLET_SAMPLE, conform
 
-REJECT_REASON = pa.field("reject_reason", pa.string())  # null while the row is alive
+# A row in synthesis: its reject reason stays null while the row is alive.
 SYNTHESIS_SAMPLE = pa.schema(list(TRIPLET_SAMPLE) + [REJECT_REASON])
 # Generation order: captions come from images, so they are made before anything reads them.
 ORDER: tuple[ModalityName, ...] = ("caption", "image", "audio")

@@ -1,12 +1,23 @@
-"""De-duplication of retried writes (`pipelines.writer.deduplicate_parts`), locally and on S3: each
-key ends in exactly one row across kept and rejected parts, whatever the parts' order and names."""
+"""The part toolkit (`pipelines.parts`, `pipelines.rows`): de-duplication of retried writes, locally
+and on S3 (each key ends in exactly one row across kept and rejected parts, whatever the parts'
+order and names), the kept / rejected sink, the input index and the part reader."""
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from omniflow import storage as st
-from pipelines.writer import Deduplicated, committed_parts, deduplicate_parts, read_parts
+from pipelines.parts import (
+    Deduplicated,
+    KeptRejectedSink,
+    committed_parts,
+    deduplicate_parts,
+    index_parts,
+    read_part,
+    read_parts,
+)
+from pipelines.rows import dropped_rows, rejects, split_rejected, with_rejects
+from pipelines.schema import DROPPED_SAMPLE
 
 TENSOR = pa.fixed_shape_tensor(pa.float32(), [2, 2])
 
@@ -70,7 +81,7 @@ def test_a_retried_write_leaves_each_key_once_and_a_rerun_changes_nothing(where)
 def test_which_copy_stays_depends_on_the_rows_only(tmp_path):
     """Copies that differ (a retry is not always bit-identical): the same one stays whatever the
     parts are called and in whatever order they are listed; it is the one of smallest digest."""
-    from pipelines.writer import _row_digests
+    from pipelines.parts import _row_digests
 
     storage, outcomes = st.StorageConfig(), set()
     for names in (("part-a", "part-b"), ("part-b", "part-a")):
@@ -93,9 +104,66 @@ def test_which_copy_stays_depends_on_the_rows_only(tmp_path):
 
 
 def test_digests_name_the_values_not_the_column_order():
-    from pipelines.writer import _row_digests
+    from pipelines.parts import _row_digests
 
     table = _rows(["x", "y"], value=1)
     digests = _row_digests(table)
     assert _row_digests(table.select(["latent", "value", "key"])) == digests
     assert len(set(digests + _row_digests(_rows(["x", "y"], value=2)))) == 4
+
+
+# ---- the kept / rejected sink, the index and the part reader -----------------------------------
+
+
+def _in_flight(keys: list[str], reasons: list[str | None], stage: str | None = "decode") -> pa.Table:
+    """Rows as a stage hands them to a writer: alive (reason null) or rejected with a reason."""
+    return pa.table({"key": keys, "source": ["s"] * len(keys), "sample_id": keys, "x": list(range(len(keys))),
+                     "reject_stage": [stage if r else None for r in reasons], "reject_reason": reasons})
+
+
+def test_rows_helpers_turn_rejected_rows_into_dropped_rows():
+    table = _in_flight(["a", "b", "c"], [None, "bad bytes", None])
+    stage, reason = rejects(table)
+    assert stage == [None, "decode", None] and reason == [None, "bad bytes", None]
+    reason[2], stage[2] = "no audio", "encode"
+    table = with_rejects(table, stage, reason)
+    live, rejected = split_rejected(table)
+    assert live.column("key").to_pylist() == ["a"] and rejected.column("key").to_pylist() == ["b", "c"]
+    dropped = dropped_rows(table)
+    assert dropped.schema == DROPPED_SAMPLE
+    assert [(r["key"], r["status"], r["stage"], r["reason"]) for r in dropped.to_pylist()] == [
+        ("b", "rejected", "decode", "bad bytes"), ("c", "rejected", "encode", "no audio")]
+    assert dropped_rows(table, stage="synthesize").column("stage").to_pylist() == ["synthesize"] * 2
+    assert rejects(pa.table({"key": ["a"]})) == ([None], [None])  # no reject columns: all alive
+
+
+def test_kept_rejected_sink_splits_names_done_keys_and_deduplicates(tmp_path):
+    storage = st.StorageConfig()
+    schema = pa.schema([pa.field("key", pa.string()), pa.field("source", pa.string()), pa.field("x", pa.int64())])
+    sink = KeptRejectedSink(str(tmp_path), "kept", schema, storage, rows_per_part=2)
+    batch = _in_flight(["a", "b", "c", "d", "e"], [None, "bad", None, None, None])
+    written = sink.write([batch], ctx=None)
+    parts = sink.parts()
+    assert sorted(written) == sorted(parts["kept"] + parts["rejects"])
+    assert len(parts["kept"]) == 2 and len(parts["rejects"]) == 1  # 4 live rows in parts of about 2
+    assert sink.done_keys() == {"a", "b", "c", "d", "e"}
+    assert read_parts(parts["kept"], storage).schema == schema
+    # A retried task that completed "b" and wrote "a" again: one copy of each key stays, kept over rejected.
+    sink.write([_in_flight(["a", "b"], [None, None])], ctx=None)
+    assert sink.deduplicate() == Deduplicated(kept=1, rejected=1)
+    kept = read_parts(sink.parts()["kept"], storage).column("key").to_pylist()
+    assert sorted(kept) == ["a", "b", "c", "d", "e"] and sink.parts()["rejects"] == []
+
+
+def test_index_and_read_part_skip_what_is_done(tmp_path):
+    storage = st.StorageConfig()
+    first, second = str(tmp_path / "part-1.parquet"), str(tmp_path / "part-2.parquet")
+    st.write_parquet_atomic(pa.table({"key": ["a", "b", "c"], "source": ["s", "s", "t"], "x": [1, 2, 3]}), first, storage)
+    st.write_parquet_atomic(pa.table({"key": ["c", "d"], "source": ["t", "t"], "x": [3, 4]}), second, storage)
+    index = index_parts([first, second], storage)
+    assert index.rows.column("key").to_pylist() == ["a", "b", "c", "d"] and index.repeated_keys == 1
+    assert index.count_by_source() == {"s": 2, "t": 2}
+    reads = index.reads(skip={"a", "c", "d"})
+    assert reads == [{"path": first, "skip": ["a", "c"]}]  # the second part has nothing left
+    blocks = list(read_part(first, storage, columns=["key", "x", "absent"], skip=["a"], rows_per_block=1))
+    assert [b.to_pylist() for b in blocks] == [[{"key": "b", "x": 2}], [{"key": "c", "x": 3}]]
