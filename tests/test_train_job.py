@@ -163,11 +163,11 @@ def test_validation_rows_found_in_any_part(tmp_path, latents_by_source, ray_clus
 
 
 def test_validation_batches_of_an_empty_table_are_none(latents):
-    from jobs.train_worker import _validation_batches
+    from pipelines.train_data import validation_batches
 
     config = TrainConfig.model_validate(_config(latents, "unused", "empty"))
     empty = pq.read_table(min((latents / "latents").iterdir())).slice(0, 0)
-    assert _validation_batches(config, empty, torch.device("cpu")) == []
+    assert validation_batches(empty, config.datasets[0], seed=0, device=torch.device("cpu")) == []
 
 
 def test_validation_dataset_without_usable_rows_is_a_config_error(tmp_path, latents_by_source, ray_cluster, capsys):
