@@ -1,5 +1,6 @@
 """Shared test setup: no hub access, deterministic CPU threads."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,3 +61,34 @@ def toy_codecs(toy_dir, toy_models):
 def toy_clip(toy_dir, toy_models):
     """The session's toy CLIP, aesthetic head and audio tower: their directory and manifest."""
     return toy_dir / "clip", toy_models[0]
+
+
+@pytest.fixture(scope="session")
+def clap_dir(tmp_path_factory):
+    """A tiny random CLAP with its feature extractor and a tiny RoBERTa tokenizer, saved as
+    `from_pretrained` reads a real one."""
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, RobertaTokenizer
+
+    root = tmp_path_factory.mktemp("clap")
+    torch.manual_seed(0)
+    config = ClapConfig(
+        text_config={
+            "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 32, "max_position_embeddings": 40,
+        },
+        audio_config={
+            "hidden_size": 16, "patch_embeds_hidden_size": 8, "depths": [1, 1], "num_attention_heads": [1, 2],
+            "window_size": 4, "spec_size": 64, "num_mel_bins": 64, "patch_stride": [4, 4], "enable_fusion": False,
+        },
+        projection_dim=8,
+    )
+    ClapModel(config).save_pretrained(root)
+    ClapFeatureExtractor(
+        feature_size=64, sampling_rate=48000, max_length_s=1, hop_length=960, nb_max_samples=48000,
+        truncation="rand_trunc",
+    ).save_pretrained(root)
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "\u0120", *"abcdefghijklmnopqrstuvwxyz"]
+    (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    RobertaTokenizer(str(root / "vocab.json"), str(root / "merges.txt")).save_pretrained(root)
+    return root

@@ -8,9 +8,6 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 from transformers import (
-    ClapConfig,
-    ClapFeatureExtractor,
-    ClapModel,
     CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -161,24 +158,6 @@ def test_clip_image_pooled(clip_vision_dir):
     rng = np.random.default_rng(0)
     out = pooled.embed([rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), encode_image(np.zeros((50, 40, 3), np.uint8))])
     assert out.shape == (2, 16) and torch.all(out[:, 10:] == 0) and out[:, :10].abs().sum() > 0
-
-
-@pytest.fixture(scope="module")
-def clap_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clap")
-    config = ClapConfig(
-        text_config={"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                         "intermediate_size": 32, "max_position_embeddings": 40},
-        audio_config={"hidden_size": 16, "patch_embeds_hidden_size": 8, "depths": [1, 1], "num_attention_heads": [1, 2],
-                          "window_size": 4, "spec_size": 64, "num_mel_bins": 64, "patch_stride": [4, 4], "enable_fusion": False},
-        projection_dim=8,
-    )
-    ClapModel(config).save_pretrained(root)
-    ClapFeatureExtractor(
-        feature_size=64, sampling_rate=48000, max_length_s=1, hop_length=960, nb_max_samples=48000,
-        truncation="rand_trunc",
-    ).save_pretrained(root)
-    return root
 
 
 def test_clap_audio_pooled_resamples_and_pads(clap_dir):

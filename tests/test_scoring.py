@@ -8,8 +8,6 @@ import pyarrow as pa
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import ClapConfig as HFClapConfig
-from transformers import ClapFeatureExtractor, ClapModel, RobertaTokenizer
 
 from omniflow.codecs.media import encode_audio, encode_image
 from omniflow.scoring.aesthetic import (
@@ -249,34 +247,6 @@ def test_stage_resources_validate_and_build_map_batches_kwargs(tiny_clip):
 
 
 # ---- CLAP ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def clap_dir(tmp_path_factory):
-    """A tiny random CLAP with its feature extractor and a tiny RoBERTa tokenizer."""
-    root = tmp_path_factory.mktemp("clap")
-    torch.manual_seed(0)
-    config = HFClapConfig(
-        text_config={
-            "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "intermediate_size": 32, "max_position_embeddings": 40,
-        },
-        audio_config={
-            "hidden_size": 16, "patch_embeds_hidden_size": 8, "depths": [1, 1], "num_attention_heads": [1, 2],
-            "window_size": 4, "spec_size": 64, "num_mel_bins": 64, "patch_stride": [4, 4], "enable_fusion": False,
-        },
-        projection_dim=8,
-    )
-    ClapModel(config).save_pretrained(root)
-    ClapFeatureExtractor(
-        feature_size=64, sampling_rate=48000, max_length_s=1, hop_length=960, nb_max_samples=48000,
-        truncation="rand_trunc",
-    ).save_pretrained(root)
-    vocab = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "\u0120", *"abcdefghijklmnopqrstuvwxyz"]
-    (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    RobertaTokenizer(str(root / "vocab.json"), str(root / "merges.txt")).save_pretrained(root)
-    return root
 
 
 def _tone(seconds: float, hz: float = 440.0, rate: int = 16000) -> np.ndarray:

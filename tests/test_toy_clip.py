@@ -13,11 +13,11 @@ from omniflow.scoring.aesthetic import LAION_KEYS, load_aesthetic_head
 from omniflow.scoring.clip import load_clip
 from pipelines.scorers import ClipScoringConfig, add_clip_scoring
 from shapesworld import make_records
+from shapesworld.toy.__main__ import main as toy_main
 from shapesworld.toy.clip import (
     ToyClipConfig,
     build_toy_clip,
     clip_separation,
-    main_build_clip,
     toy_scoring_configs,
 )
 
@@ -79,10 +79,10 @@ def test_cache_reuses_and_rebuilds_on_change(tmp_path, one_thread):
 def test_cli_builds_and_prints_separation(tmp_path, capsys, one_thread):
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
     out = str(tmp_path / "clip")
-    assert main_build_clip(["--out", out, "--config", str(tmp_path / "tiny.yaml"), "--threads", "1"]) == 0
+    assert toy_main(["build-clip", "--out", out, "--config", str(tmp_path / "tiny.yaml"), "--threads", "1"]) == 0
     assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"clip_auc", "aesthetic_auc", "audio_tower_auc"}
     (tmp_path / "bad.yaml").write_text("stpes: 3\n")
-    assert main_build_clip(["--out", out, "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert toy_main(["build-clip", "--out", out, "--config", str(tmp_path / "bad.yaml")]) == 2
 
 
 def test_ray_data_scores_equal_the_in_process_forward(toy_clip, ray_cluster):

@@ -55,6 +55,7 @@ from transformers import (
 
 from omniflow.codecs.text_vae import TextVAE, TextVAEConfig
 from omniflow.convert.reference import TEXT_DECODER_PREFIX
+from omniflow.state_dicts import check_fits
 
 REFERENCE_QFORMER_LAYERS = 6
 REFERENCE_MAX_LENGTH = 77
@@ -175,19 +176,6 @@ def load_reference_weights(model: TextVAE, state_dict: Mapping[str, torch.Tensor
     """
     mapped = map_reference_state_dict(state_dict)
     expected = model.state_dict()
-    unexpected = sorted(set(mapped) - set(expected))
-    missing = sorted(k for k in set(expected) - set(mapped) if not k.startswith("encoder."))
-    if unexpected or missing:
-        raise ValueError(
-            f"reference text VAE does not fit the model: missing {missing[:20]}, "
-            f"unexpected {unexpected[:20]}"
-        )
-    wrong = [
-        f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}"
-        for k, v in mapped.items()
-        if v.shape != expected[k].shape
-    ]
-    if wrong:
-        raise ValueError(f"reference text-VAE shapes differ from the model's: {wrong[:20]}")
+    check_fits(mapped, expected, what="reference text VAE", required=lambda key: not key.startswith("encoder."))
     model.load_state_dict(mapped, strict=False)
     return sorted(set(expected) - set(mapped))

@@ -41,6 +41,7 @@ from omniflow.convert.sd3 import (
 )
 from omniflow.init import initialize_weights, zero_timestep_embedder
 from omniflow.modality import Modality
+from omniflow.state_dicts import preview
 from omniflow.transformer import OmniFlowTransformer
 
 REFERENCE_DEFAULTS: dict[str, Any] = {
@@ -295,13 +296,8 @@ def check_reference_keys(ref_sd: Mapping[str, torch.Tensor], layout: ReferenceLa
     if missing or unexpected:
         raise ValueError(
             f"the state dict does not match the reference layout for {layout}: "
-            f"missing keys {_preview(missing)}; unexpected keys {_preview(unexpected)}"
+            f"missing keys {preview(missing)}; unexpected keys {preview(unexpected)}"
         )
-
-
-def _preview(keys: list[str], limit: int = 20) -> str:
-    """Keys for an error message; a wrong config can mismatch thousands of them."""
-    return str(keys) if len(keys) <= limit else f"{keys[:limit]} and {len(keys) - limit} more"
 
 
 def _our_keys(key: str, layout: ReferenceLayout) -> list[str]:

@@ -21,6 +21,7 @@ from diffusers import SD3Transformer2DModel
 
 from omniflow.init import initialize_weights, zero_timestep_embedder
 from omniflow.modality import Modality
+from omniflow.state_dicts import check_fits
 from omniflow.transformer import OmniFlowTransformer
 
 SD3_SUBFOLDER = "transformer"  # where a diffusers SD3 pipeline keeps its transformer
@@ -258,19 +259,7 @@ def transformer_from_sd3(
     model = initialize_weights(OmniFlowTransformer(**config))
     ours, _ = state_dict_from_sd3(sd3.state_dict(), config["num_layers"])
     state = model.state_dict()
-    missing = sorted(k for k in state if _covered_by_sd3(k) and k not in ours)
-    unplaced = sorted(set(ours) - set(state))
-    if missing or unplaced:
-        raise ValueError(
-            f"SD3 checkpoint does not fit the model: missing {missing}; unplaced {unplaced}"
-        )
-    bad = [
-        f"{k}: SD3 {tuple(v.shape)} vs model {tuple(state[k].shape)}"
-        for k, v in ours.items()
-        if v.shape != state[k].shape
-    ]
-    if bad:
-        raise ValueError(f"shape mismatch between SD3 and the model: {bad}")
+    check_fits(ours, state, what="SD3 checkpoint", required=_covered_by_sd3)
     state |= ours
     if audio_init == "image":
         _seed_audio_from_image(state)

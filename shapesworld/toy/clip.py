@@ -15,9 +15,7 @@ images, and writes `clip.json`; a rerun with the same config reuses the director
     python -m shapesworld.toy build-clip --out runs/toy/clip
 """
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -26,9 +24,8 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 
 from omniflow.codecs.base import CODEC_SET
@@ -407,44 +404,3 @@ def build_toy_clip(
     }
     _write_codec_set(staging, manifest)
     return commit(staging, out, MANIFEST, manifest)
-
-
-def main_build_clip(argv: list[str] | None = None) -> int:
-    """`python -m shapesworld.toy build-clip --out DIR [--config FILE.yaml] [--force] [--threads N]`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m shapesworld.toy build-clip",
-        description="Train and cache the toy CLIP and its aesthetic head; print held-out separation.",
-    )
-    add_build_clip_arguments(parser)
-    return run_build_clip(parser.parse_args(argv))
-
-
-def add_build_clip_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, required=True, help="directory for the models and clip.json")
-    parser.add_argument("--config", type=Path, help="YAML file with ToyClipConfig fields")
-    parser.add_argument("--force", action="store_true", help="rebuild even if OUT holds this config's build")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
-def run_build_clip(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        overrides = yaml.safe_load(args.config.read_text()) if args.config else {}
-        config = ToyClipConfig.model_validate(overrides or {})
-    except (OSError, yaml.YAMLError, ValidationError) as err:
-        print(f"error: invalid config: {err}", file=sys.stderr)
-        return 2
-    manifest = build_toy_clip(args.out, config, force=args.force)
-    clip_eval, aesthetic_eval = manifest["clip_eval"], manifest["aesthetic_eval"]
-    print(f"toy CLIP in {args.out} (config {manifest['config_hash']}, built in {manifest['seconds']['total']}s)")
-    print(
-        f"  clip: matched vs mismatched caption AUC {clip_eval['auc']:.4f} (per image {clip_eval['per_image']:.3f})"
-    )
-    print(f"  aesthetic: clean vs blank/noise AUC {aesthetic_eval['auc']:.4f} "
-          f"(clean mean {aesthetic_eval['clean_mean']:.2f}, defect mean {aesthetic_eval['defect_mean']:.2f})")
-    tower_eval = manifest["audio_tower_eval"]
-    print(f"  audio tower: matched vs mismatched caption AUC {tower_eval['auc']:.4f} (per clip {tower_eval['per_clip']:.3f})")
-    print(json.dumps({"clip_auc": clip_eval["auc"], "aesthetic_auc": aesthetic_eval["auc"],
-                      "audio_tower_auc": tower_eval["auc"]}))
-    return 0

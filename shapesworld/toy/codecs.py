@@ -121,19 +121,24 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
+def _train_vae(vae, data: torch.Tensor, cfg: "ImageVAEBuild | MelVAEBuild", seed: int, log: Callable, name: str) -> None:
+    """Train `vae` on `data` as `cfg` says, logging five times, then fit its latent statistics."""
+    every = max(1, cfg.steps // 5)
+    train_autoencoder_kl(
+        vae, data, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight,
+        reconstruction_loss=cfg.reconstruction_loss, seed=seed,
+        progress=lambda s, loss: (s + 1) % every == 0 and log(f"{name} step {s + 1}/{cfg.steps} loss {loss:.4f}"),
+    )
+    fit_latent_stats(vae, data)
+
+
 def _build_image(out: Path, cfg: ImageVAEBuild, train: ShapesData, seed: int, log: Callable) -> dict:
     vae = new_autoencoder_kl(
         channels=3, latent_channels=cfg.latent_channels, block_out_channels=cfg.block_out_channels,
         sample_size=cfg.size, seed=seed,
     )
     data = _pixels(train.images) * 2 - 1  # the VAE's input range, as the image codec feeds it
-    every = max(1, cfg.steps // 5)
-    train_autoencoder_kl(
-        vae, data, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight,
-        reconstruction_loss=cfg.reconstruction_loss, seed=seed,
-        progress=lambda s, loss: (s + 1) % every == 0 and log(f"image VAE step {s + 1}/{cfg.steps} loss {loss:.4f}"),
-    )
-    fit_latent_stats(vae, data)
+    _train_vae(vae, data, cfg, seed, log, "image VAE")
     vae.save_pretrained(out / "image_vae")
     return {"kind": "image-vae", "path": "image_vae", "resolution": cfg.size}
 
@@ -149,13 +154,7 @@ def _build_audio(out: Path, cfg: MelVAEBuild, train: ShapesData, seed: int, log:
     # the codec's own front end (peak normalisation, padding) makes the training mels
     waves = _codec_waves(train.waves, cfg)
     mels = log_mel(waves, cfg.mel)
-    every = max(1, cfg.steps // 5)
-    train_autoencoder_kl(
-        vae, mels, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, kl_weight=cfg.kl_weight,
-        reconstruction_loss=cfg.reconstruction_loss, seed=seed,
-        progress=lambda s, loss: (s + 1) % every == 0 and log(f"mel VAE step {s + 1}/{cfg.steps} loss {loss:.4f}"),
-    )
-    fit_latent_stats(vae, mels)
+    _train_vae(vae, mels, cfg, seed, log, "mel VAE")
     vae.save_pretrained(out / "audio" / "vae")
     return codec_config
 
