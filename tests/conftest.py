@@ -20,6 +20,15 @@ def tiny_model() -> torch.nn.Module:
     return build_transformer("tiny").eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads and lose much when cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """A local Ray cluster (2 CPUs) shared by the session's tests, started the way jobs start one.

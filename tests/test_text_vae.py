@@ -72,15 +72,6 @@ def saved_dir(tiny_vae, tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads and lose much when cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_codec_loads_offline_with_shapes_and_dtypes(saved_dir):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     codec = build_codec({"kind": "omniflow-text-vae", "path": saved_dir})

@@ -28,14 +28,6 @@ TINY = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_matched_pairs_outscore_mismatched_ones(toy_clip):
     out, manifest = toy_clip
     print(json.dumps(manifest["clip_eval"]), manifest["seconds"])

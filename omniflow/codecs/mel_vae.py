@@ -5,7 +5,7 @@ The network sees what AudioLDM2's VAE sees, log-mels (B, 1, T, n_mels) straight 
 Building, training and scaling are `codecs.autoencoder`'s; this module fixes the mel layout.
 """
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
@@ -50,36 +50,16 @@ def new_mel_vae(
     )
 
 
-def train_mel_vae(
-    vae: AutoencoderKL,
-    mels: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    kl_weight: float = 1e-4,
-    seed: int = 0,
-    progress: Callable[[int, float], None] | None = None,
-) -> AutoencoderTrainResult:
-    """Train `vae` in place on log-mels (N, 1, T, n_mels): L1 reconstruction + kl_weight * KL.
-
-    See `autoencoder.train_autoencoder_kl`. Afterwards call `fit_latent_stats(vae, mels)` so the
-    codec's latents have unit variance per channel, then `vae.save_pretrained(model_dir / "vae")`.
+def train_mel_vae(vae: AutoencoderKL, mels: torch.Tensor, **options: Any) -> AutoencoderTrainResult:
+    """Train `vae` in place on log-mels (N, 1, T, n_mels): L1 reconstruction + kl_weight * KL, with
+    the options of `autoencoder.train_autoencoder_kl` (steps, batch_size, lr, kl_weight, seed,
+    progress). Afterwards call `fit_latent_stats(vae, mels)` so the codec's latents have unit
+    variance per channel, then `vae.save_pretrained(model_dir / "vae")`.
 
     Example:
         >>> mels = log_mel(waves_BN, TOY_MEL)                     # (N, 1, 128, 64)
-        >>> result = train_mel_vae(new_mel_vae(), mels, steps=2000, batch_size=16, lr=1e-3,
-        ...                        kl_weight=1e-4, seed=0, progress=None)
+        >>> result = train_mel_vae(new_mel_vae(), mels, steps=2000, batch_size=16, lr=1e-3, seed=0)
     """
     if mels.ndim != 4 or mels.shape[1] != 1:
         raise ValueError(f"mels must be (N, 1, T, n_mels), got shape {tuple(mels.shape)}")
-    return train_autoencoder_kl(
-        vae,
-        mels,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        kl_weight=kl_weight,
-        seed=seed,
-        progress=progress,
-    )
+    return train_autoencoder_kl(vae, mels, **options)
