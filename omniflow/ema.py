@@ -9,6 +9,12 @@ elementwise tensor op between a parameter and its shadow, so FSDP2's sharded par
 (`.full_tensor()` gathers one), and FSDP2 modules are resharded before the parameters are read
 or written.
 
+Why not a library's: `benchmarks/ema_options.py` (FSDP2 on two ranks) finds diffusers' `EMAModel`
+failing after a forward without backward (validation leaves the root's weights gathered, and it
+mixes them with its DTensor shadows) and keyed by position rather than by name, and
+`torch.optim.swa_utils.AveragedModel` refused by FSDP2 (it deep-copies the model); this class is
+exact in every layout there (docs/train.md).
+
     >>> import torch
     >>> model = torch.nn.Linear(2, 2)
     >>> ema = EMA(model, decay=0.9, start_step=0)
