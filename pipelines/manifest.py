@@ -16,6 +16,7 @@ never writes counts that do not (input = kept + filtered + rejected, and the lik
 import importlib.metadata
 import json
 import sys
+from collections import Counter
 from typing import Annotated, Any, Literal, Self, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -297,8 +298,9 @@ def adopt_parts(output: str, parts: list[str], storage: st.StorageConfig, *,
 
     flags = list(SYNTHETIC_FLAG.values()) if job == "synthesize" else []
     table = read_parts(parts, storage, columns=["source", "source_weight", *flags])
-    sources = sorted(set(table.column("source").to_pylist())) if table is not None else []
-    rows = {s: table.column("source").to_pylist().count(s) for s in sources}
+    column = table.column("source").to_pylist() if table is not None else []
+    rows = dict(sorted(Counter(column).items()))
+    sources = list(rows)
     adopted = {"adopted": {"job": job, "parts": parts}}
     common = {"config": adopted, "config_hash": config_hash(adopted), "versions": package_versions()}
     if job == "curate":
@@ -310,9 +312,10 @@ def adopt_parts(output: str, parts: list[str], storage: st.StorageConfig, *,
             source_weights=weights, outputs=CurateOutputs(curated=parts, rejects=None),
         )
     else:
-        by_source = table.to_pylist() if table is not None else []
-        generated = {s: {c: sum(bool(r[f"{c}_synthetic"]) for r in by_source if r["source"] == s)
-                         for c in MEDIA_COLUMNS} for s in sources}
+        generated = {s: dict.fromkeys(MEDIA_COLUMNS, 0) for s in sources}
+        for row in table.to_pylist() if table is not None else []:
+            for c in MEDIA_COLUMNS:
+                generated[row["source"]][c] += bool(row[f"{c}_synthetic"])
         manifest = SynthesizeManifest(
             **common, input=SynthesizeInput(manifest="", curated=[]),
             counts={s: SynthesizeCounts(input=n, kept=n, rejected=0, generated=generated[s]) for s, n in rows.items()},
