@@ -2,8 +2,9 @@
 report metrics, checkpoint.
 
 Every `report_every` steps all workers call `ray.train.report` (it is a barrier); at checkpoint
-steps rank 0 attaches a checkpoint holding the whole model, EMA, optimizer, step, and every
-rank's data position. After a worker failure Ray Train restarts the group and
+steps they attach a checkpoint (`omniflow.train_state.save`): under FSDP2 each rank its shard of
+the model, EMA and optimizer, otherwise rank 0 the whole of them; with the step and every rank's
+data position. After a worker failure Ray Train restarts the group and
 `ray.train.get_checkpoint()` hands back the last one: the step counter, learning rate, EMA and
 data streams continue from there. Rank 0 also writes each report to the run's `metrics.jsonl`
 and TensorBoard events (`jobs.train_logs`), uploaded before each checkpoint when remote.
@@ -23,8 +24,6 @@ from omniflow import train_state
 from omniflow.ema import EMA
 from omniflow.initialize import initial_transformer
 from omniflow.model_dir import (
-    load_training_checkpoint,
-    save_training_checkpoint,
     transformer_config,
 )
 from omniflow.parallelize import parallelize
@@ -68,10 +67,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start_step, position = 0, None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
-            restored = load_training_checkpoint(directory)
-        train_state.restore(restored, model, optimizer, scheduler, ema)
-        start_step, position = restored["step"], train_state.data_position(restored, rank)
-        del restored
+            start_step, position = train_state.restore(directory, model, optimizer, scheduler, ema)
         if rank == 0:
             _say(f"resuming from step {start_step}")
 
@@ -121,8 +117,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 _say(log_line(metrics))
                 logs.write(metrics, upload=save)  # before the checkpoint: a restart from it finds these lines
             if save:
-                _report_with_checkpoint(metrics, train_state.gather(model, optimizer, scheduler, ema, position=mix.position()),
-                                        step, model_config, loop_config, rank)
+                with tempfile.TemporaryDirectory() as directory:
+                    wrote = train_state.save(directory, model, optimizer, scheduler, ema, position=mix.position(),
+                                             step=step, model_config=model_config, config=loop_config["config"],
+                                             model_info=loop_config["model_info"])
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if wrote else None)
             else:
                 ray.train.report(metrics)
             meter.reset()  # after validation and checkpointing: samples/s measures training steps only
@@ -166,17 +165,3 @@ def _say(line: str) -> None:
     # Ray Train routes print() to its logger and the console both; one copy is enough.
     sys.stdout.write(f"[train] {line}\n")
     sys.stdout.flush()
-
-
-def _report_with_checkpoint(metrics: dict, state: train_state.GatheredState, step: int, model_config: dict,
-                            loop_config: dict, rank: int) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint it writes from the gathered state."""
-    import ray.train
-
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        save_training_checkpoint(directory, **state.checkpoint_fields(), model_config=model_config, step=step,
-                                 config=loop_config["config"], model_info=loop_config["model_info"])
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -21,7 +21,7 @@ every local directory the configs name into the new directory and rewrites the p
 from the local hub cache). Directories written before the index existed (transformer files at
 the top level) still load.
 
-A training checkpoint is a directory with:
+A training checkpoint is a directory with, when written whole (a run on one process or DDP):
 
     model.safetensors    the raw model weights (full, unsharded state dict)
     ema.safetensors      optional: the EMA shadow, {parameter name: float32} (`omniflow.ema`)
@@ -31,6 +31,16 @@ A training checkpoint is a directory with:
                           writes as omniflow.json, "scheduler": the LR scheduler's state_dict};
                           written last, so a directory without it is incomplete and is never
                           read as a checkpoint
+
+or, when an FSDP2 run writes it sharded (every rank its own shard, nothing gathered):
+
+    sharded/             a `torch.distributed.checkpoint` directory (.metadata, __<rank>_0.distcp)
+                         of {"model": weights, "optimizer": state keyed by parameter name,
+                         "ema": the EMA shadow (when state.json's "sharded" says so)}
+    state.json           as above, with "sharded": {"ema": bool}
+
+A sharded checkpoint loads into a run on any number of ranks (`omniflow.train_state.restore`), and
+whole onto one process for exports, merges and `model.init` (`load_training_checkpoint`).
 
 Both are written into a hidden temp directory beside the target and moved into place whole.
 `publish_model_dir` copies a finished directory to a local path or a bucket the same way (on S3
@@ -62,6 +72,7 @@ PIPELINE_CLASS = "OmniFlowPipeline"
 # omniflow.json entries that map modality -> codec config, and the suffix of their subfolders
 COMPONENT_GROUPS = {"codecs": "codec", "pooled": "pooled"}
 MODEL_WEIGHTS, EMA_WEIGHTS, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
+SHARDED_DIR = "sharded"
 WEIGHTS_PREFIX = "diffusion_pytorch_model"  # diffusers' weights file name, also of its shards
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -284,25 +295,60 @@ def save_training_checkpoint(
             save_file(_cpu(ema_state), temp / EMA_WEIGHTS)
         if optimizer_state is not None:
             torch.save(optimizer_state, temp / OPTIMIZER_FILE)
-        state = {"step": step, "data_position": data_position, "config": dict(config or {}),
-                 "model_config": dict(model_config), "model_info": dict(model_info or {}),
-                 "scheduler": dict(scheduler_state) if scheduler_state is not None else None}
-        _write_json(temp / STATE_FILE, state)
+        write_checkpoint_state(temp, model_config=model_config, step=step, data_position=data_position,
+                               config=config, model_info=model_info, scheduler_state=scheduler_state)
 
     return _write_dir_atomic(path, fill)
 
 
+def write_checkpoint_state(
+    path: str | os.PathLike,
+    *,
+    model_config: Mapping[str, Any],
+    step: int,
+    data_position: Any = None,
+    config: Mapping[str, Any] | None = None,
+    model_info: Mapping[str, Any] | None = None,
+    scheduler_state: Mapping[str, Any] | None = None,
+    sharded: Mapping[str, bool] | None = None,
+) -> None:
+    """Write a checkpoint's `state.json` into `path`, the last file of a checkpoint: for a sharded
+    one, after `sharded/` (`sharded` = {"ema": whether it holds the EMA})."""
+    state = {"step": step, "data_position": data_position, "config": dict(config or {}),
+             "model_config": dict(model_config), "model_info": dict(model_info or {}),
+             "scheduler": dict(scheduler_state) if scheduler_state is not None else None}
+    if sharded is not None:
+        state["sharded"] = dict(sharded)
+    _write_json(Path(path) / STATE_FILE, state)
+
+
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / STATE_FILE).is_file() and (Path(path) / MODEL_WEIGHTS).is_file()
+    path = Path(path)
+    return (path / STATE_FILE).is_file() and ((path / MODEL_WEIGHTS).is_file() or is_sharded_checkpoint(path))
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint at `path` was written sharded (by an FSDP2 run)."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's `state.json` (a checkpoint written before the scheduler's state was kept
+    reads "scheduler": None)."""
+    return {"scheduler": None, "sharded": None, **json.loads((Path(path) / STATE_FILE).read_text())}
 
 
 def load_training_checkpoint(path: str | os.PathLike, *, optimizer: bool = True) -> dict[str, Any]:
-    """Read a training checkpoint onto the CPU.
+    """Read a training checkpoint onto the CPU, whole.
 
     Returns:
         {"model": state dict, "ema": state dict or None, "optimizer": state dict or None,
          "step": int, "data_position": ..., "config": dict, "model_config": dict, "model_info": dict,
-         "scheduler": state dict or None (checkpoints written before it was kept have none)}
+         "scheduler": state dict or None (checkpoints written before it was kept have none),
+         "sharded": None, or {"ema": bool} for a sharded checkpoint}
+
+    A sharded checkpoint's optimizer state is never read here (it loads into a live run,
+    `omniflow.train_state.restore`); its weights and EMA are gathered whole on this process.
 
     Example:
         >>> ckpt = load_training_checkpoint("ckpt/step-100")
@@ -310,16 +356,33 @@ def load_training_checkpoint(path: str | os.PathLike, *, optimizer: bool = True)
     """
     path = Path(path)
     if not is_training_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a training checkpoint (needs {STATE_FILE} and {MODEL_WEIGHTS})")
-    state = json.loads((path / STATE_FILE).read_text())
+        raise FileNotFoundError(
+            f"{path} is not a training checkpoint (needs {STATE_FILE} and {MODEL_WEIGHTS} or {SHARDED_DIR}/)")
+    state = read_checkpoint_state(path)
+    if state["sharded"] is not None:
+        return {**state, **_load_sharded_weights(path, state), "optimizer": None}
     has_ema, has_optimizer = (path / EMA_WEIGHTS).is_file(), (path / OPTIMIZER_FILE).is_file()
     return {
-        "scheduler": None,
         **state,
         "model": load_file(path / MODEL_WEIGHTS),
         "ema": load_file(path / EMA_WEIGHTS) if has_ema else None,
         "optimizer": torch.load(path / OPTIMIZER_FILE, weights_only=True) if optimizer and has_optimizer else None,
     }
+
+
+def _load_sharded_weights(path: Path, state: Mapping[str, Any]) -> dict[str, Any]:
+    """{"model": ..., "ema": ... or None} of a sharded checkpoint, whole, read without a process
+    group into tensors shaped by the transformer's config."""
+    import torch.distributed.checkpoint as dcp
+
+    with torch.device("meta"):
+        skeleton = OmniFlowTransformer(**state["model_config"])
+    skeleton.to_empty(device="cpu")
+    target = {"model": skeleton.state_dict()}
+    if state["sharded"].get("ema"):
+        target["ema"] = {name: torch.empty(p.shape, dtype=torch.float32) for name, p in skeleton.named_parameters()}
+    dcp.load(target, checkpoint_id=str(path / SHARDED_DIR), no_dist=True)
+    return {"model": target["model"], "ema": target.get("ema")}
 
 
 def checkpoint_weights(checkpoint_state: Mapping[str, Any], *, use_ema: bool) -> dict[str, torch.Tensor]:

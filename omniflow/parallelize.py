@@ -97,20 +97,20 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole, unsharded state dict on the CPU (a collective under FSDP: every rank calls it)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel) or not _is_sharded(model):
+    if isinstance(model, nn.parallel.DistributedDataParallel) or not is_sharded(model):
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     return get_model_state_dict(model, options=_FULL)
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    if not _is_sharded(model):
+    if not is_sharded(model):
         return optimizer.state_dict()
     return get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict, optimizer_state: dict | None) -> None:
     """Load unsharded states into a (possibly sharded) model and its optimizer."""
-    if not _is_sharded(model):
+    if not is_sharded(model):
         unwrap(model).load_state_dict(model_state)
         if optimizer is not None and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
@@ -134,7 +134,8 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def _is_sharded(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is FSDP2-sharded (its parameters are DTensor shards)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)

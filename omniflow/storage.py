@@ -12,7 +12,8 @@ Writes are atomic. Locally a file is written under a hidden temp name in the sam
 moved into place with `os.replace`, so a reader sees the old file or the whole new one. On S3 an
 object only becomes visible when its single PUT or its multipart upload completes, so the final
 key is written directly; the data is assembled in memory first so that a failure part-way never
-completes an upload with half the data. Listings skip hidden names (`.x`), temp files included.
+completes an upload with half the data. Listings skip hidden names (`.x`), temp files included,
+but for `LISTED_DOT_NAMES` (a sharded checkpoint's `.metadata`).
 
     >>> import tempfile
     >>> storage = StorageConfig()  # enough for local paths, and for S3 with the AWS env vars
@@ -124,8 +125,13 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+# Dot-names that are data, not temp files: the index of a sharded (torch.distributed.checkpoint)
+# training checkpoint.
+LISTED_DOT_NAMES = frozenset({".metadata"})
+
+
 def _hidden(relative: str) -> bool:
-    return any(part.startswith(".") for part in relative.split("/") if part)
+    return any(part.startswith(".") and part not in LISTED_DOT_NAMES for part in relative.split("/") if part)
 
 
 def list_files(path_or_glob: str, storage: StorageConfig) -> list[str]:

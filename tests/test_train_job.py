@@ -22,7 +22,8 @@ from jobs.train import main, run
 from jobs.train_config import TrainConfig
 from jobs.train_logs import read_metrics
 from omniflow import storage as st
-from omniflow.model_dir import load_model_dir, read_model_info
+from omniflow.initialize import initial_transformer
+from omniflow.model_dir import fetch_model_dir, load_model_dir, read_model_info
 from omniflow.presets import get_preset
 from omniflow.sampling import generate
 from pipelines.synthetic_latents import write_latent_dataset
@@ -125,17 +126,29 @@ def _scalars(event_file: bytes, tag: str) -> dict[int, float]:
 
 
 def test_fsdp_with_s3_storage_resume_and_logs(s3_server, latents, ray_cluster):
-    """metrics.jsonl and TensorBoard events land in the s3:// run directory; a resumed run appends
-    to the lines already there and adds its own event file beside the first one."""
+    """FSDP2 on two workers writes sharded checkpoints (a shard per worker, nothing gathered) to
+    the s3:// run directory, with metrics.jsonl and TensorBoard events; the run resumes on one
+    worker (the shards resharded as they load), appends to the lines already there and adds its
+    own event file beside the first one."""
     storage = s3_server.storage.model_dump()
     bucket = s3_server.new_bucket()
     config = _config(latents, f"s3://{bucket}/train", "s3run", storage=storage, steps=10, parallel={"strategy": "fsdp"},
-                     log={"every": 5, "tensorboard_dir": None})
+                     log={"every": 5, "tensorboard_dir": None},
+                     scaling={"num_workers": 2, "resources_per_worker": {"CPU": 0.5}})
     run(TrainConfig.model_validate(config))
     run_dir = f"s3://{bucket}/train/s3run"
     assert [m["step"] for m in read_metrics(run_dir, s3_server.storage)] == [5, 10]
+    shards = [p.rsplit("/", 1)[1] for p in st.list_files(f"{run_dir}/checkpoint_*/sharded/*", s3_server.storage)]
+    assert sorted(shards) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not st.list_files(f"{run_dir}/checkpoint_*/model.safetensors", s3_server.storage)
+    # The sharded checkpoint, gathered whole on one process (as model.init and merges read it), holds
+    # the EMA weights the run exported.
+    checkpoint = st.list_files(f"{run_dir}/checkpoint_*", s3_server.storage)[0]
+    exported = load_model_dir(fetch_model_dir(f"{run_dir}/model", s3_server.storage), dtype=torch.float32, device="cpu")
+    torch.testing.assert_close(initial_transformer(checkpoint, storage=s3_server.storage).state_dict(),
+                               exported.state_dict())
     endpoint = f"storage.endpoint_url={s3_server.endpoint_url}"
-    assert main(["--resume", run_dir, endpoint, "steps=15"]) == 0
+    assert main(["--resume", run_dir, endpoint, "steps=15", "scaling.num_workers=1"]) == 0
 
     manifest = json.loads(st.read_bytes(f"{run_dir}/manifest.json", s3_server.storage))
     assert manifest["final_metrics"]["step"] == 15

@@ -6,18 +6,23 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from omniflow import train_state
 from omniflow.ema import EMA
 from omniflow.initialize import initial_transformer
 from omniflow.model_dir import (
+    is_sharded_checkpoint,
     load_training_checkpoint,
     save_model_dir,
     save_training_checkpoint,
     transformer_config,
 )
+from omniflow.parallelize import ParallelConfig, full_model_state, parallelize
 from omniflow.train_report import Meter, log_line, peak_flops, summarize
 from omniflow.training import OptimConfig, StepOutput, build_optimizer, build_scheduler
+from omniflow.wrappers import unwrap
 
 
 def _step(model, optimizer, scheduler, ema, step):
@@ -39,6 +44,15 @@ def _run(model, steps: int, total: int):
     return optimizer, scheduler, ema
 
 
+def _fresh(seed: int = 1):
+    """A model (other weights than the run's: all must come from the checkpoint), its optimizer,
+    schedule and EMA."""
+    model = initial_transformer(None, preset="tiny", seed=seed)
+    config = OptimConfig(lr=1e-2, warmup_steps=2)
+    optimizer = build_optimizer(model, config)
+    return model, optimizer, build_scheduler(optimizer, config, total_steps=10), EMA(model, decay=0.5)
+
+
 def test_state_through_a_checkpoint_continues_the_run_exactly(tmp_path):
     """Three steps, a checkpoint, two more steps after restoring into a fresh model: the same
     weights, EMA and learning rate as five steps straight."""
@@ -46,42 +60,85 @@ def test_state_through_a_checkpoint_continues_the_run_exactly(tmp_path):
     optimizer, _, ema = _run(straight, 5, total=10)
 
     first = initial_transformer(None, preset="tiny", seed=0)
-    state = train_state.gather(first, *_run(first, 3, total=10), position={"s": {"epoch": 0, "rows": 12}})
-    assert state.data_positions == [{"s": {"epoch": 0, "rows": 12}}]  # one rank
-    save_training_checkpoint(tmp_path / "ckpt", **state.checkpoint_fields(), model_config=transformer_config(first), step=3)
+    wrote = train_state.save(tmp_path / "ckpt", first, *_run(first, 3, total=10), position={"s": {"epoch": 0, "rows": 12}},
+                             step=3, model_config=transformer_config(first))
+    assert wrote and not is_sharded_checkpoint(tmp_path / "ckpt")
 
-    resumed = initial_transformer(None, preset="tiny", seed=1)  # other weights: all must come from the checkpoint
-    config = OptimConfig(lr=1e-2, warmup_steps=2)
-    r_optimizer = build_optimizer(resumed, config)
-    r_scheduler = build_scheduler(r_optimizer, config, total_steps=10)
-    r_ema = EMA(resumed, decay=0.5)
-    checkpoint = load_training_checkpoint(tmp_path / "ckpt")
-    train_state.restore(checkpoint, resumed, r_optimizer, r_scheduler, r_ema)
-    assert train_state.data_position(checkpoint, 0) == {"s": {"epoch": 0, "rows": 12}}
-    assert train_state.data_position(checkpoint, 1) is None  # a rank the checkpoint did not have starts over
+    resumed, r_optimizer, r_scheduler, r_ema = _fresh()
+    step, position = train_state.restore(tmp_path / "ckpt", resumed, r_optimizer, r_scheduler, r_ema)
+    assert (step, position) == (3, {"s": {"epoch": 0, "rows": 12}})
     for step in (4, 5):
         _step(resumed, r_optimizer, r_scheduler, r_ema, step)
 
     assert r_optimizer.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
-    for name, a in ema.state_dict().items():
-        torch.testing.assert_close(a, r_ema.state_dict()[name], msg=name)
+    torch.testing.assert_close(resumed.state_dict(), straight.state_dict())
+    torch.testing.assert_close(r_ema.state_dict(), ema.state_dict())
 
 
 def test_restore_without_scheduler_state_takes_the_step(tmp_path):
     """A checkpoint written before the schedule's state was kept resumes its schedule at its step."""
     model = initial_transformer(None, preset="tiny", seed=0)
     optimizer, _, _ = _run(model, 3, total=10)
-    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": None,
-                  "scheduler": None, "step": 3, "data_position": None}
-    fresh = initial_transformer(None, preset="tiny", seed=0)
-    config = OptimConfig(lr=1e-2, warmup_steps=2)
-    f_optimizer = build_optimizer(fresh, config)
-    f_scheduler = build_scheduler(f_optimizer, config, total_steps=10)
-    train_state.restore(checkpoint, fresh, f_optimizer, f_scheduler, None)
+    save_training_checkpoint(tmp_path / "old", model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                             model_config=transformer_config(model), step=3)
+    fresh, f_optimizer, f_scheduler, _ = _fresh()
+    assert train_state.restore(tmp_path / "old", fresh, f_optimizer, f_scheduler, None) == (3, None)
     assert f_scheduler.last_epoch == 3
     assert f_optimizer.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
+
+
+def _sharded_run(rank: int, world: int, root: str) -> None:
+    """Two FSDP2 ranks: three steps, a sharded checkpoint (both ranks into one directory, as Ray
+    Train merges its workers'), the weights gathered whole, then one more step and its weights."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
+    model = parallelize(initial_transformer(None, preset="tiny", seed=0), ParallelConfig(strategy="fsdp"),
+                        device=torch.device("cpu"))
+    optimizer, scheduler, ema = _run(model, 3, total=10)
+    assert train_state.save(f"{root}/ckpt", model, optimizer, scheduler, ema, position={"rank": rank}, step=3,
+                            model_config=transformer_config(unwrap(model)))
+    whole = full_model_state(model)
+    _step(model, optimizer, scheduler, ema, 4)
+    after = full_model_state(model)
+    if rank == 0:
+        torch.save({"at_3": whole, "at_4": after}, f"{root}/reference.pt")
+    dist.destroy_process_group()
+
+
+def _resume_on_one_rank(rank: int, world: int, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg1", rank=rank, world_size=world)
+    model = parallelize(initial_transformer(None, preset="tiny", seed=1), ParallelConfig(strategy="fsdp"),
+                        device=torch.device("cpu"))
+    config = OptimConfig(lr=1e-2, warmup_steps=2)
+    optimizer = build_optimizer(model, config)
+    scheduler, ema = build_scheduler(optimizer, config, total_steps=10), EMA(model, decay=0.5)
+    step, position = train_state.restore(f"{root}/ckpt", model, optimizer, scheduler, ema)
+    reference = torch.load(f"{root}/reference.pt")
+    torch.testing.assert_close(full_model_state(model), reference["at_3"])
+    _step(model, optimizer, scheduler, ema, 4)  # the optimizer's moments and the LR came back too
+    torch.testing.assert_close(full_model_state(model), reference["at_4"])
+    torch.save({"step": step, "position": position}, f"{root}/resumed.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_checkpoint_of_two_ranks_resumes_on_one(tmp_path):
+    """FSDP2 on two ranks writes its checkpoint sharded (one file per rank, nothing gathered); it
+    loads whole on one process without a process group, and resumes an FSDP2 run on one rank with
+    the same weights, optimizer state and schedule."""
+    root = str(tmp_path)
+    mp.spawn(_sharded_run, args=(2, root), nprocs=2)
+    assert is_sharded_checkpoint(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not (tmp_path / "ckpt" / "model.safetensors").exists()
+    reference = torch.load(tmp_path / "reference.pt")
+    whole = load_training_checkpoint(tmp_path / "ckpt", optimizer=False)
+    assert whole["step"] == 3 and whole["data_position"] == [{"rank": 0}, {"rank": 1}]
+    torch.testing.assert_close(whole["model"], reference["at_3"])
+    assert set(whole["ema"]) == {n for n, _ in initial_transformer(None, preset="tiny").named_parameters()}
+    assert initial_transformer(str(tmp_path / "ckpt"), use_ema=False).state_dict().keys() == reference["at_3"].keys()
+
+    mp.spawn(_resume_on_one_rank, args=(1, root), nprocs=1)
+    assert torch.load(tmp_path / "resumed.pt") == {"step": 3, "position": {"rank": 0}}
 
 
 def test_initial_transformer_from_each_kind_of_init(tmp_path):
