@@ -36,7 +36,7 @@ from omniflow import storage as st
 from omniflow.config import ConfigError, load_config
 from pipelines.manifest import TrainManifest, write_manifest
 from pipelines.runtime import init_ray
-from pipelines.train_data import LatentDataset, arrow_filesystem, common_latent_shapes, plan_streams
+from pipelines.train_data import LatentDataset, common_latent_shapes, plan_streams
 
 CONFIG_FILE = "train_config.json"
 
@@ -44,8 +44,8 @@ CONFIG_FILE = "train_config.json"
 def _run_config(config: TrainConfig):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
-    fs = arrow_filesystem(config.storage_path, config.storage)
-    storage_path = config.storage_path.removeprefix("s3://") if fs is not None else str(Path(config.storage_path).resolve())
+    fs = st.arrow_filesystem(config.storage_path, config.storage)
+    storage_path = st.arrow_path(config.storage_path)
     return RunConfig(
         name=config.name,
         storage_path=storage_path,

@@ -108,6 +108,33 @@ def _s3_options(storage: StorageConfig) -> dict[str, Any]:
     return options
 
 
+def arrow_filesystem(path: str, storage: StorageConfig) -> "pa.fs.FileSystem | None":
+    """Arrow's native filesystem for an s3:// `path` (what Ray Data and Ray Train read and write
+    through, in C++ and in parallel), set from the same `storage` as every other access; None for a
+    local path (Arrow's default)."""
+    if scheme(path) != "s3":
+        return None
+    from urllib.parse import urlparse
+
+    from pyarrow import fs as arrow_fs
+
+    options = _s3_options(storage)
+    kwargs: dict[str, Any] = {"anonymous": storage.anon}
+    if "endpoint_url" in options:
+        endpoint = urlparse(options["endpoint_url"])
+        kwargs.update(endpoint_override=endpoint.netloc, scheme=endpoint.scheme)
+    if storage.region:
+        kwargs["region"] = storage.region
+    if options.get("key"):
+        kwargs.update(access_key=options["key"], secret_key=options["secret"], session_token=options["token"])
+    return arrow_fs.S3FileSystem(**kwargs)
+
+
+def arrow_path(path: str) -> str:
+    """`path` as Arrow's filesystems name it (without `s3://`)."""
+    return path.removeprefix("s3://") if scheme(path) == "s3" else absolute(path)
+
+
 def _with_scheme(path: str, kind: str) -> str:
     """fsspec strips `s3://` from what it returns; put it back so paths stay usable."""
     return f"{kind}://{path}" if kind != "file" and not _SCHEME.match(path) else path

@@ -74,11 +74,10 @@ class LatentDataset:
         import ray.data
         from ray.data.expressions import col
 
-        fs = arrow_filesystem(self.parts[0], storage)  # the scheme, which every part shares
+        fs = st.arrow_filesystem(self.parts[0], storage)  # the scheme, which every part shares
         out = {}
         for source in self.rows:
-            parts = self.parts_of[source]
-            ds = ray.data.read_parquet([p.removeprefix("s3://") for p in parts] if fs is not None else parts, filesystem=fs)
+            ds = ray.data.read_parquet([st.arrow_path(p) for p in self.parts_of[source]], filesystem=fs)
             if len(self.parts_of) > 1:
                 ds = ds.filter(expr=col("source") == source)
             out[f"{self.spec.name}.{source}"] = ds
@@ -122,15 +121,6 @@ def _allows_a_task(table: pa.Table, spec: DatasetSpec) -> np.ndarray:
     # Whether a row can get a task depends only on its modalities, not on the draw.
     chosen = task_choice(presence(table, synthetic=spec.synthetic), spec.tasks, np.random.default_rng(0))
     return np.array([t is not None for t in chosen], bool)
-
-
-def arrow_filesystem(path: str, storage: st.StorageConfig):
-    """A pyarrow filesystem for s3:// paths built from the same fsspec settings as all other I/O."""
-    if st.scheme(path) != "s3":
-        return None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(st.filesystem(path, storage)))
 
 
 def common_latent_shapes(data: Sequence[LatentDataset]) -> dict[str, tuple[int, ...]]:
