@@ -71,7 +71,7 @@ class DemoConfig(BaseModel):
     ray: RayConfig = Field(default_factory=lambda: RayConfig(num_cpus=2))
 
 
-def _stage_config(model: type[BaseModel], file: str, out: str, toy: str, edit: Callable[[dict], None] | None = None,
+def stage_config(model: type[BaseModel], file: str, out: str, toy: str, edit: Callable[[dict], None] | None = None,
                   overrides: tuple[str, ...] = ()) -> Any:
     """A config of `configs/`, its `runs/shapesworld/` paths moved under `out` (and `runs/toy/` to
     `toy`), edited, validated."""
@@ -169,24 +169,24 @@ class Demo:
                 source["samples"] = max(50, round(source["samples"] * c.data_scale))
 
         manifests = {}
-        cfg = _stage_config(curate.CurateConfig, "curate_shapesworld.yaml", out, c.toy, scale)
+        cfg = stage_config(curate.CurateConfig, "curate_shapesworld.yaml", out, c.toy, scale)
         manifests["curate"] = self.stage("curate", cfg, cfg.output, curate.run)
-        cfg = _stage_config(synthesize.SynthesizeConfig, "synthesize_shapesworld.yaml", out, c.toy)
+        cfg = stage_config(synthesize.SynthesizeConfig, "synthesize_shapesworld.yaml", out, c.toy)
         manifests["synthesize"] = self.stage("synthesize", cfg, cfg.output, synthesize.run)
         data_checks = {"curation": checks.curation(manifests["curate"]["config"]["output"]),
                        "synthesis": checks.synthesis(cfg.output)}
         self.progress.log(f"ShapesWorld checks of the data: {json.dumps(data_checks)}")
-        cfg = _stage_config(encode.EncodeConfig, "encode_shapesworld.yaml", out, c.toy)
+        cfg = stage_config(encode.EncodeConfig, "encode_shapesworld.yaml", out, c.toy)
         manifests["encode"] = self.stage("encode", cfg, cfg.output, encode.run)
         for stage in ("stage1", "stage2"):
-            cfg = _stage_config(TrainConfig, f"train_shapesworld_{stage}.yaml", out, c.toy,
+            cfg = stage_config(TrainConfig, f"train_shapesworld_{stage}.yaml", out, c.toy,
                                 overrides=(f"steps={getattr(c.steps, stage)}", f"batch_size={c.batch_size}",
                                            *c.train_overrides))
             manifests[stage] = self.stage(f"train {stage}", cfg, cfg.run_dir, train.run,
                                           follow=Path(cfg.run_dir) / "metrics.jsonl")
-        cfg = _stage_config(merge.MergeJobConfig, "merge_shapesworld.yaml", out, c.toy)
+        cfg = stage_config(merge.MergeJobConfig, "merge_shapesworld.yaml", out, c.toy)
         manifests["merge"] = self.stage("merge", cfg, cfg.output, merge.run)
-        cfg = _stage_config(TrainConfig, "train_shapesworld_stage3.yaml", out, c.toy,
+        cfg = stage_config(TrainConfig, "train_shapesworld_stage3.yaml", out, c.toy,
                             overrides=(f"steps={c.steps.stage3}", f"batch_size={c.batch_size}", *c.train_overrides))
         manifests["stage3"] = self.stage("train stage3", cfg, cfg.run_dir, train.run,
                                          follow=Path(cfg.run_dir) / "metrics.jsonl")
