@@ -32,6 +32,7 @@ from pipelines.filters import SCORES, FilterConfig, decide
 from pipelines.manifest import CurateManifest, write_manifest
 from pipelines.parts import (
     AtomicParquetSink,
+    PartIndex,
     committed_keys,
     committed_parts,
     deduplicate_parts,
@@ -118,8 +119,10 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
     parts = committed_parts(scored_dir, storage)
     # Embeddings are the one wide column: read them only when a near-duplicate rule needs them.
     columns = SMALL_COLUMNS + (["image_embedding"] if any(s.filters.near_duplicate_cosine for s in config.sources) else [])
-    scored = read_parts(parts, storage, columns=columns)
-    scored = (scored if scored is not None else SCORED_SAMPLE.empty_table().select(columns)).sort_by("key")
+    scored = read_parts(parts, storage, columns=columns, with_part=True)
+    index = PartIndex.of(scored, parts)
+    scored = (scored.drop_columns(["part"]) if scored is not None
+              else SCORED_SAMPLE.empty_table().select(columns)).sort_by("key")
 
     names = [s.source.name for s in config.sources]
     decisions = decide(scored, {s.source.name: s.filters for s in config.sources})
@@ -131,7 +134,7 @@ def finalize(config: CurateConfig, progress: Progress) -> dict:
     curated_dir = st.join(config.output, "curated", run_id)
     rejects_path = st.join(config.output, "rejects", f"{run_id}.parquet")
     progress.phase("writing curated shards")
-    write_curated(parts, decisions.table, weights, curated_dir, storage)
+    write_curated(index, decisions.table, weights, curated_dir, storage)
     write_rejects(decisions.table, rejects_path, storage)
     # Retried curated write tasks leave copies too (rejects come from one write, disjoint from kept).
     duplicates = deduplicate_parts(committed_parts(curated_dir, storage), [rejects_path], storage=storage)

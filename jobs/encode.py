@@ -42,7 +42,7 @@ from pipelines.manifest import (
     read_upstream,
     write_manifest,
 )
-from pipelines.parts import committed_parts, index_parts, read_parts
+from pipelines.parts import KeptRejectedSink, committed_parts, index_parts, read_parts
 from pipelines.runtime import RayConfig, init_ray
 from pipelines.schema import LATENT_MODALITIES, LATENT_STORAGE
 
@@ -94,21 +94,19 @@ def input_parts(config: EncodeConfig) -> tuple[str, dict]:
     return manifest_path(config.input), {"job": upstream.job, "parts": getattr(upstream.outputs, INPUT_JOBS[upstream.job])}
 
 
-def _check_resumable(config: EncodeConfig, encoding: EncodingConfig, input_keys: set[str]) -> set[str]:
+def _check_resumable(config: EncodeConfig, encoding: EncodingConfig, sink: KeptRejectedSink,
+                     input_keys: set[str]) -> set[str]:
     """Keys already written by an earlier run into `output`; refuses output of other settings."""
-    storage, done = config.storage, set()
-    for kind in ("latents", "rejects"):
-        for path in committed_parts(st.join(config.output, kind), storage):
-            with st.open_input(path, storage) as f:
-                part = pq.read_table(f, columns=["key"])
-            if kind == "latents":
-                found = latent_layout(part.schema)
-                if (found.dtype, found.codec_hash) != (encoding.dtype, encoding.codec_hash()):
-                    raise ValueError(
-                        f"{config.output} holds {found.dtype} latents of codecs {found.codec_hash}, this config makes "
-                        f"{encoding.dtype} latents of codecs {encoding.codec_hash()}: use a new output or delete it"
-                    )
-            done.update(part.column("key").to_pylist())
+    storage = config.storage
+    for path in sink.parts()["latents"]:
+        with st.open_input(path, storage) as f:
+            found = latent_layout(pq.read_schema(f))
+        if (found.dtype, found.codec_hash) != (encoding.dtype, encoding.codec_hash()):
+            raise ValueError(
+                f"{config.output} holds {found.dtype} latents of codecs {found.codec_hash}, this config makes "
+                f"{encoding.dtype} latents of codecs {encoding.codec_hash()}: use a new output or delete it"
+            )
+    done = sink.done_keys()
     stray = done - input_keys
     if stray:
         raise ValueError(
@@ -160,7 +158,7 @@ def run(config: EncodeConfig) -> dict:
     inputs = index.rows
     progress.log(f"{inputs.num_rows} input rows in {len(source_job['parts'])} parts ({source_job['job']} output)")
 
-    done = _check_resumable(config, encoding, set(inputs.column("key").to_pylist()))
+    done = _check_resumable(config, encoding, sink, set(inputs.column("key").to_pylist()))
     reads = index.reads(done)
     if done:
         progress.log(f"resuming: {len(done)} rows already encoded or rejected; {len(reads)} parts to read")

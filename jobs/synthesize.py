@@ -100,9 +100,9 @@ def triplet_sink(config: SynthesizeConfig) -> KeptRejectedSink:
                             rows_per_part=config.rows_per_part, reject_stage=STAGE)
 
 
-def synthesize_stage(config: SynthesizeConfig, index: PartIndex, progress: Progress) -> None:
-    """Generate and write every input row not yet in `triplets/` or `rejects/`."""
-    sink = triplet_sink(config)
+def synthesize_stage(config: SynthesizeConfig, index: PartIndex, sink: KeptRejectedSink,
+                     progress: Progress) -> None:
+    """Generate and write every input row not yet in `sink`'s `triplets/` or `rejects/`."""
     done = sink.done_keys()
     reads = index.reads(done)
     if done:
@@ -146,11 +146,11 @@ def run(config: SynthesizeConfig) -> dict:
     progress.log(f"{len(parts)} curated parts from {input_manifest}; filling {config.fill}")
     progress.phase("generating")
     index = index_parts(parts, storage)
-    synthesize_stage(config, index, progress)
+    sink = triplet_sink(config)
+    synthesize_stage(config, index, sink, progress)
     progress.phase("counting and checking")
     # A write task retried after it had committed leaves rows twice, or (first failed, then
     # succeeded) a key in both outputs: one copy stays, a triplet over a reject.
-    sink = triplet_sink(config)
     duplicates = sink.deduplicate()
     outputs = sink.parts()
     flags = [f"{m}_synthetic" for m in MODALITIES]

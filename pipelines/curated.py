@@ -7,7 +7,7 @@ Data task per part, so the parts (with their wide embedding column) never gather
     >>> decisions = decide(scored, filters)                        # pipelines.filters
     >>> summary = summarize(decisions.table, scored, ["photos", "sounds"])
     >>> weights = source_weights(summary.kept(), summary.mean_kept, priors, weighting)
-    >>> write_curated(scored_parts, decisions.table, weights, "s3://bucket/run/curated/<run>", storage)
+    >>> write_curated(index_parts(scored_parts, storage), decisions.table, weights, "s3://bucket/run/curated/<run>", storage)
 """
 
 import functools
@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from omniflow import storage as st
 from pipelines.filters import SCORES, Decisions
 from pipelines.manifest import CurateCounts
-from pipelines.parts import AtomicParquetSink, index_parts, read_parts_dataset
+from pipelines.parts import AtomicParquetSink, PartIndex, read_parts_dataset
 from pipelines.plots import score_histogram
 from pipelines.schema import (
     CURATED_SAMPLE,
@@ -89,12 +89,12 @@ def summarize(decided: pa.Table, scored: pa.Table, sources: Sequence[str]) -> Su
     return Summary(counts, quantiles, mean_kept)
 
 
-def write_curated(parts: Sequence[str], decided: pa.Table, weights: dict[str, float], directory: str,
+def write_curated(scored: PartIndex, decided: pa.Table, weights: dict[str, float], directory: str,
                   storage: st.StorageConfig) -> None:
-    """The kept rows of the scored `parts` as curated parts under `directory`, each row with its
+    """The kept rows of the `scored` parts as curated parts under `directory`, each row with its
     source's sampling weight."""
     not_kept = set(decided.filter(pc.not_equal(decided.column("status"), KEPT)).column("key").to_pylist())
-    reads = index_parts(parts, storage).reads(skip=not_kept)
+    reads = scored.reads(skip=not_kept)
     if reads:
         read_parts_dataset(reads, storage, schema=CURATED_SAMPLE, prepare=functools.partial(_weighted, weights=weights),
                            ).write_datasink(AtomicParquetSink(directory, CURATED_SAMPLE, storage))

@@ -137,14 +137,22 @@ def committed_parts(directory: str, storage: st.StorageConfig) -> list[str]:
     return [p for p in st.list_files(st.join(directory, f"part-*{PART_SUFFIX}"), storage)]
 
 
-def read_parts(paths: Sequence[str], storage: st.StorageConfig, columns: Sequence[str] | None = None) -> pa.Table | None:
+def read_parts(paths: Sequence[str], storage: st.StorageConfig, columns: Sequence[str] | None = None, *,
+               with_part: bool = False) -> pa.Table | None:
     """`columns` of the given part files (all columns when None), in their order; None for no
-    parts. Arrow reads the files in parallel threads, from S3 through its native client."""
+    parts. With `with_part`, a last column "part" names each row's file (as in `paths`). Arrow
+    reads the files in parallel threads, from S3 through its native client."""
     if not paths:
         return None
     dataset = pads.dataset([st.arrow_path(p) for p in paths], format="parquet",
                            filesystem=st.arrow_filesystem(paths[0], storage))
-    return dataset.to_table(columns=list(columns) if columns is not None else None)
+    names = list(columns) if columns is not None else dataset.schema.names
+    if not with_part:
+        return dataset.to_table(columns=names)
+    table = dataset.to_table(columns=[*names, "__filename"])  # Arrow's name for a row's file
+    part_of = {st.arrow_path(p): p for p in paths}
+    part = pa.array([part_of[f] for f in table.column("__filename").to_pylist()], pa.string())
+    return table.set_column(len(names), "part", part)
 
 
 def read_part(path: str, storage: st.StorageConfig, *, columns: Sequence[str] | None = None,
@@ -266,6 +274,22 @@ class PartIndex:
     repeated_keys: int  # rows beyond the first of a key: a retried write upstream
     keys_by_part: dict[str, list[str]]
 
+    @classmethod
+    def of(cls, table: pa.Table | None, parts: Sequence[str]) -> "PartIndex":
+        """The index of `parts` from their rows' key, source and part columns (`read_parts` with
+        `with_part`); None for no parts."""
+        schema = pa.schema([pa.field("key", pa.string()), pa.field("source", pa.string())])
+        if table is None:
+            return cls(rows=schema.empty_table(), repeated_keys=0, keys_by_part={})
+        rows = table.select(["key", "source"]).cast(schema)
+        keys = rows.column("key").to_numpy(zero_copy_only=False).astype(str)
+        _, first = np.unique(keys, return_index=True)
+        unique = rows.take(pa.array(np.sort(first), pa.int64()))
+        keys_by_part: dict[str, list[str]] = {p: [] for p in parts}
+        for key, part in zip(keys.tolist(), table.column("part").to_pylist()):
+            keys_by_part[part].append(key)
+        return cls(rows=unique, repeated_keys=rows.num_rows - unique.num_rows, keys_by_part=keys_by_part)
+
     def count_by_source(self) -> dict[str, int]:
         return dict(sorted(Counter(self.rows.column("source").to_pylist()).items()))
 
@@ -274,21 +298,16 @@ class PartIndex:
         written): {"path", "skip"} per part that has such a row, for `read_parts_dataset`."""
         reads = []
         for path, keys in self.keys_by_part.items():
-            skipped = sorted(k for k in set(keys) if k in skip)
-            if len(skipped) < len(set(keys)):
+            unique = set(keys)
+            skipped = sorted(unique.intersection(skip))
+            if len(skipped) < len(unique):
                 reads.append({"path": st.absolute(path), "skip": skipped})
         return reads
 
 
 def index_parts(parts: Sequence[str], storage: st.StorageConfig) -> PartIndex:
-    """Index `parts` by their key and source columns (read one after another: two small columns)."""
-    schema = pa.schema([pa.field("key", pa.string()), pa.field("source", pa.string())])
-    by_part = {p: read_parts([p], storage, columns=["key", "source"]).cast(schema) for p in parts}
-    rows = pa.concat_tables([schema.empty_table(), *by_part.values()])
-    _, first = np.unique(rows.column("key").to_numpy(zero_copy_only=False).astype(str), return_index=True)
-    unique = rows.take(pa.array(np.sort(first), pa.int64()))
-    return PartIndex(rows=unique, repeated_keys=rows.num_rows - unique.num_rows,
-                     keys_by_part={p: t.column("key").to_pylist() for p, t in by_part.items()})
+    """Index `parts` by their key and source columns (one threaded scan of two small columns)."""
+    return PartIndex.of(read_parts(parts, storage, ["key", "source"], with_part=True), parts)
 
 
 def one_task_per_item(items: Sequence[dict[str, Any]], fn: Callable[..., Iterator[pa.Table]], *,
