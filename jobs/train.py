@@ -30,12 +30,12 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from jobs.common import Progress, dumps, job_main
-from jobs.train_config import TrainConfig
+from jobs.train_config import TrainConfig, room_for_data
 from jobs.train_logs import TENSORBOARD_DIR, metrics_path
 from omniflow import storage as st
 from omniflow.config import ConfigError, load_config
 from pipelines.manifest import TrainManifest, write_manifest
-from pipelines.runtime import init_ray
+from pipelines.runtime import init_ray, joins_cluster
 from pipelines.train_data import LatentDataset, common_latent_shapes, plan_streams
 
 CONFIG_FILE = "train_config.json"
@@ -87,6 +87,11 @@ def run(config: TrainConfig) -> dict:
     progress = Progress("train")
     storage = config.storage
     init_ray(config.ray.num_cpus, log_to_driver=True)
+    no_room = room_for_data(config.scaling, ray.cluster_resources().get("CPU", 0.0))
+    if no_room and not joins_cluster():
+        raise ConfigError(no_room)
+    if no_room:
+        progress.log(f"warning: {no_room}; training waits until the cluster adds a node")
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the per-step log line says what training needs to know
     context.execution_options.preserve_order = True  # a resumed stream re-reads rows in the same order

@@ -37,6 +37,30 @@ class ScalingSpec(BaseModel):
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
+    @property
+    def cpus_per_worker(self) -> float:
+        """What each worker reserves of the cluster's CPUs (Ray Train's default: one)."""
+        return (self.resources_per_worker or {}).get("CPU", 1.0)
+
+
+def room_for_data(scaling: ScalingSpec, cluster_cpus: float) -> str | None:
+    """Why the workers leave Ray Data no CPU to read the latents with (each read task takes one),
+    or None when they leave it one. On a cluster that cannot grow, such a run waits forever.
+
+        >>> room_for_data(ScalingSpec(num_workers=2), cluster_cpus=2) is not None
+        True
+        >>> room_for_data(ScalingSpec(num_workers=2, resources_per_worker={"CPU": 0.5}), cluster_cpus=2)
+    """
+    reserved = scaling.num_workers * scaling.cpus_per_worker
+    if cluster_cpus - reserved >= 1:
+        return None
+    return (
+        f"{scaling.num_workers} training worker(s) reserve {reserved:g} of the cluster's {cluster_cpus:g} CPUs, "
+        f"leaving {max(0.0, cluster_cpus - reserved):g}, and Ray Data needs 1 to read the latents: "
+        f"let workers share cores (scaling.resources_per_worker='{{CPU: 0.5}}'), use fewer workers, "
+        f"or start a larger local cluster (ray.num_cpus)"
+    )
+
 
 class CheckpointSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")

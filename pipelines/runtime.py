@@ -26,8 +26,14 @@ def init_ray(num_cpus: int | None = None, *, log_to_driver: bool = False) -> Non
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    if joins_cluster():
         ray.init(log_to_driver=True)
         return
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=log_to_driver)
+
+
+def joins_cluster() -> bool:
+    """Whether jobs join a running cluster (RAY_ADDRESS set, as under `ray job submit`), which may
+    add nodes as work waits, rather than a local one of fixed size."""
+    return bool(os.environ.get("RAY_ADDRESS"))

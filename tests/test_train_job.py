@@ -194,6 +194,17 @@ def test_validation_dataset_without_usable_rows_is_a_config_error(tmp_path, late
     assert not (tmp_path / "unusable").exists()  # refused before the run started
 
 
+def test_workers_that_leave_no_cpu_for_data_are_refused(tmp_path, latents, ray_cluster, capsys):
+    """On a local cluster that cannot grow, two workers taking both CPUs would leave Ray Data's
+    read tasks waiting forever: the job says so and how to fix it, before the run starts."""
+    path = tmp_path / "crowded.json"
+    path.write_text(json.dumps(_config(latents, str(tmp_path), "crowded", scaling={"num_workers": 2})))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "reserve 2 of the cluster's 2 CPUs" in err and "scaling.resources_per_worker" in err
+    assert not (tmp_path / "crowded").exists()
+
+
 def _train_workers(root: int) -> list[psutil.Process]:
     out = []
     for p in psutil.Process(root).children(recursive=True):
