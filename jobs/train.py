@@ -100,7 +100,7 @@ def run(config: TrainConfig) -> dict:
     shapes = common_latent_shapes(data)
     val_data = next(d for d in data if d.spec.name == (config.validation.dataset or config.datasets[0].name))
     validation_rows = val_data.validation_rows(config.validation.rows, storage)
-    plan = plan_streams(config.datasets, data, storage)
+    plan = plan_streams(config.datasets, data, storage, world=config.scaling.num_workers)
     for name, meta in plan.streams.items():
         progress.log(f"stream {name}: share {meta['weight']:.3f}, tasks {meta['tasks']}")
     codecs = data[0].manifest.codecs
@@ -128,7 +128,7 @@ def run(config: TrainConfig) -> dict:
         ),
         run_config=_run_config(config),
         datasets=plan.datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),  # each worker has datasets of its own
     )
     progress.phase(f"training {config.steps} steps on {config.scaling.num_workers} worker(s)")
     started = time.perf_counter()

@@ -38,7 +38,7 @@ from omniflow.training import (
 )
 from omniflow.wrappers import unwrap
 from pipelines.mixing import MixedBatches, Stream
-from pipelines.train_data import micro_batches, validation_batches
+from pipelines.train_data import micro_batches, shard_name, validation_batches
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -71,7 +71,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             _say(f"resuming from step {start_step}")
 
-    mix = MixedBatches(_streams(loop_config["streams"], config), batch_size=config.batch_size, seed=config.seed,
+    mix = MixedBatches(_streams(loop_config["streams"], config, rank), batch_size=config.batch_size, seed=config.seed,
                        rank=rank, position=position, cache_bytes=config.cache_mb_per_stream * 2**20)
     groups = GroupedBatches(config.batch_size) if config.grouped_batches else None
     val_spec = next(d for d in config.datasets if d.name == (config.validation.dataset or config.datasets[0].name))
@@ -130,13 +130,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             logs.close()
 
 
-def _streams(streams: dict[str, dict[str, Any]], config: TrainConfig) -> list[Stream]:
-    """This worker's shard of each stream the driver planned (`train_data.plan_streams`)."""
+def _streams(streams: dict[str, dict[str, Any]], config: TrainConfig, rank: int) -> list[Stream]:
+    """This worker's rows of each stream the driver planned (`train_data.plan_streams`)."""
     import ray.train
 
     out = []
     for name, meta in streams.items():
-        shard = ray.train.get_dataset_shard(name)
+        shard = ray.train.get_dataset_shard(shard_name(name, rank))
         out.append(Stream(
             name=name, weight=meta["weight"], tasks=meta["tasks"], synthetic=meta["synthetic"],
             open=lambda shard=shard: shard.iter_batches(

@@ -2,10 +2,11 @@
 Data stream per source, the mixing weights, the validation rows, and the batches a step takes.
 
     >>> data = [LatentDataset(spec, storage) for spec in config.datasets]     # on the driver
-    >>> plan = plan_streams(config.datasets, data, storage)                   # Ray datasets + weights
+    >>> plan = plan_streams(config.datasets, data, storage, world=2)          # datasets per worker, weights
     >>> micro = micro_batches(mix, groups, step, grad_accum=2, device=device)  # in a worker
 """
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,7 @@ class LatentDataset:
         self.latent_shapes = {m: tuple(shapes[latent_column(m)]) for m in LATENT_MODALITIES if latent_column(m) in shapes}
         self.parts_of: dict[str, list[str]] = {}  # source -> the parts holding its rows
         self.sources_in: dict[str, set[str]] = {}  # part -> the sources of its rows
+        self.rows_in: dict[str, dict[str, int]] = {}  # part -> source -> its rows there
         rows: dict[str, int] = {}
         weight_sums: dict[str, float] = {}
         for part in self.parts:
@@ -55,6 +57,7 @@ class LatentDataset:
             sources = table.column("source").to_numpy(zero_copy_only=False)
             weights = table.column("source_weight").to_numpy(zero_copy_only=False)
             self.sources_in[part] = set(sources)
+            self.rows_in[part] = {str(n): int((sources == n).sum()) for n in set(sources)}
             for s in set(sources):
                 self.parts_of.setdefault(s, []).append(part)
                 rows[s] = rows.get(s, 0) + int((sources == s).sum())
@@ -68,19 +71,35 @@ class LatentDataset:
             self.rows = {s: self.rows[s] for s in spec.sources}
             self.source_weights = {s: self.source_weights[s] for s in spec.sources}
 
-    def ray_datasets(self, storage: st.StorageConfig) -> dict[str, "ray.data.Dataset"]:
-        """One Ray dataset per source, named `<dataset>.<source>`: each reads only the parts that hold
-        its source, and the source predicate is pushed into the Parquet scan."""
+    def ray_datasets(self, storage: st.StorageConfig, world: int = 1) -> dict[str, list["ray.data.Dataset"]]:
+        """Per source, named `<dataset>.<source>`, one Ray dataset per worker, each with rows of its
+        own: the source's parts dealt out by rows when there is a part per worker (`deal_parts`),
+        else every part with the rows whose key hashes to the worker. Each reads only the parts
+        that hold its source, and the source predicate is pushed into the Parquet scan.
+
+        The workers' datasets are independent (not one dataset split between them): a worker
+        reads its streams in whatever order its own batches draw them, where the iterators of a
+        split dataset must all start each epoch together, and workers that drew different streams
+        first would wait on each other forever."""
         import ray.data
         from ray.data.expressions import col
 
         fs = st.arrow_filesystem(self.parts[0], storage)  # the scheme, which every part shares
         out = {}
         for source in self.rows:
-            ds = ray.data.read_parquet([st.arrow_path(p) for p in self.parts_of[source]], filesystem=fs)
-            if len(self.parts_of) > 1:
-                ds = ds.filter(expr=col("source") == source)
-            out[f"{self.spec.name}.{source}"] = ds
+            parts = self.parts_of[source]
+            dealt = deal_parts({p: self.rows_in[p][source] for p in parts}, world)
+            shards = []
+            for rank in range(world):
+                mine = dealt[rank] if dealt is not None else parts
+                ds = ray.data.read_parquet([st.arrow_path(p) for p in mine], filesystem=fs)
+                if len(self.parts_of) > 1:
+                    ds = ds.filter(expr=col("source") == source)
+                if dealt is None and world > 1:
+                    ds = ds.map_batches(rows_of_worker, fn_kwargs={"rank": rank, "world": world},
+                                        batch_format="pyarrow", batch_size=None)
+                shards.append(ds)
+            out[f"{self.spec.name}.{source}"] = shards
         return out
 
     def validation_rows(self, n: int, storage: st.StorageConfig) -> pa.Table:
@@ -123,6 +142,37 @@ def _allows_a_task(table: pa.Table, spec: DatasetSpec) -> np.ndarray:
     return np.array([t is not None for t in chosen], bool)
 
 
+def deal_parts(rows_by_part: dict[str, int], world: int) -> list[list[str]] | None:
+    """The parts dealt to `world` workers so that their rows come out as even as whole parts
+    allow (largest part first, to the worker with the fewest rows; each worker's parts in their
+    given order), or None when there are fewer parts than workers.
+
+        >>> deal_parts({"a": 5, "b": 3, "c": 2, "d": 1}, 2)
+        [['a', 'd'], ['b', 'c']]
+    """
+    if len(rows_by_part) < world:
+        return None
+    order = list(rows_by_part)
+    shards: list[list[str]] = [[] for _ in range(world)]
+    totals = [0] * world
+    for part in sorted(order, key=lambda p: -rows_by_part[p]):
+        rank = totals.index(min(totals))
+        shards[rank].append(part)
+        totals[rank] += rows_by_part[part]
+    return [sorted(mine, key=order.index) for mine in shards]
+
+
+def rows_of_worker(table: pa.Table, rank: int, world: int) -> pa.Table:
+    """The rows of `table` whose key hashes (CRC-32, the same in every process) to `rank`."""
+    keys = table.column("key").to_pylist()
+    return table.filter(pa.array([zlib.crc32(k.encode()) % world == rank for k in keys], pa.bool_()))
+
+
+def shard_name(stream: str, rank: int) -> str:
+    """The name under which the driver hands worker `rank` its dataset of `stream`."""
+    return f"{stream}@{rank}"
+
+
 def common_latent_shapes(data: Sequence[LatentDataset]) -> dict[str, tuple[int, ...]]:
     """The latent shape per modality, which every dataset must share."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -137,17 +187,19 @@ def common_latent_shapes(data: Sequence[LatentDataset]) -> dict[str, tuple[int, 
 class StreamPlan:
     """Every (dataset, source) stream: its Ray dataset, and what a worker needs to mix it."""
 
-    datasets: dict[str, "ray.data.Dataset"]
+    datasets: dict[str, "ray.data.Dataset"]  # shard_name(stream, rank) -> that worker's rows of it
     streams: dict[str, dict[str, Any]]  # name -> {"weight", "tasks", "synthetic"}
 
 
-def plan_streams(specs: Sequence[DatasetSpec], data: Sequence[LatentDataset], storage: st.StorageConfig) -> StreamPlan:
-    """One stream per (dataset, source), weighted by `mixing.stream_weights`."""
+def plan_streams(specs: Sequence[DatasetSpec], data: Sequence[LatentDataset], storage: st.StorageConfig,
+                 world: int = 1) -> StreamPlan:
+    """One stream per (dataset, source), weighted by `mixing.stream_weights`, with a dataset of
+    its rows for each of `world` workers."""
     weights = stream_weights(specs, {d.spec.name: d.source_weights for d in data})
     datasets, streams = {}, {}
     for d in data:
-        for name, ds in d.ray_datasets(storage).items():
-            datasets[name] = ds
+        for name, shards in d.ray_datasets(storage, world).items():
+            datasets.update({shard_name(name, rank): ds for rank, ds in enumerate(shards)})
             streams[name] = {"weight": weights[name], "tasks": d.spec.tasks, "synthetic": d.spec.synthetic}
     return StreamPlan(datasets, streams)
 

@@ -75,8 +75,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_ddp_on_two_workers_with_metrics_checkpoints_and_export(tmp_path, latents, ray_cluster):
-    config = TrainConfig.model_validate(_config(latents, str(tmp_path), "ddp", scaling={"num_workers": 2, "resources_per_worker": {"CPU": 0.5}}))
-    manifest = run(config)
+    """Two workers and three streams, one of them rare: the workers open it at different steps
+    (a batch of 8 draws it about once in four), which must not make one wait on the other."""
+    config = _config(latents, str(tmp_path), "ddp", scaling={"num_workers": 2, "resources_per_worker": {"CPU": 0.5}})
+    config["datasets"].append({"name": "rare", "path": str(latents), "sources": ["it"], "weight": 0.1,
+                               "tasks": {"i2t": 1.0}})
+    manifest = run(TrainConfig.model_validate(config))
     run_dir = tmp_path / "ddp"
     metrics = _metrics(run_dir)
     assert [m["step"] for m in metrics] == [5, 10, 15, 20]
@@ -86,7 +90,7 @@ def test_ddp_on_two_workers_with_metrics_checkpoints_and_export(tmp_path, latent
     assert all(math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0 for m in metrics)
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 1  # keep: 1
-    assert manifest["stream_weights"] == pytest.approx({"images.it": 2 / 3, "sounds.at": 1 / 3})
+    assert manifest["stream_weights"] == pytest.approx({"images.it": 2 / 3.1, "sounds.at": 1 / 3.1, "rare.it": 0.1 / 3.1})
 
     model = load_model_dir(manifest["model_dir"], dtype=torch.float32, device="cpu")
     assert read_model_info(manifest["model_dir"])["latent_shapes"]["image"] == list(SHAPES["image"])

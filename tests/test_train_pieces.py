@@ -4,6 +4,7 @@ the validation batches (`pipelines.train_data`; the step's batches run in tests/
 
 import time
 
+import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from omniflow.parallelize import ParallelConfig, full_model_state, parallelize
 from omniflow.train_report import Meter, log_line, peak_flops, summarize
 from omniflow.training import OptimConfig, StepOutput, build_optimizer, build_scheduler
 from omniflow.wrappers import unwrap
+from pipelines.train_data import deal_parts, rows_of_worker, shard_name
 
 
 def _step(model, optimizer, scheduler, ema, step):
@@ -182,3 +184,17 @@ def test_report_means_and_throughput():
 def test_peak_flops_given_or_unknown():
     assert peak_flops(torch.device("cpu"), 100.0) == 100e12
     assert peak_flops(torch.device("cpu")) is None
+
+
+def test_workers_get_disjoint_rows_that_cover_the_stream():
+    """Each worker reads rows of its own: whole parts when there is one per worker, else every
+    part filtered by key hash; together the workers read every row once."""
+    assert deal_parts({"a": 5, "b": 3, "c": 2, "d": 1}, 2) == [["a", "d"], ["b", "c"]]
+    assert deal_parts({"a": 5, "b": 3, "c": 2, "d": 1}, 1) == [["a", "b", "c", "d"]]
+    assert deal_parts({"a": 5}, 2) is None  # fewer parts than workers: rows are split by key
+    table = pa.table({"key": [f"k{i}" for i in range(1000)], "x": list(range(1000))})
+    shards = [rows_of_worker(table, rank, 3) for rank in range(3)]
+    keys = [set(s.column("key").to_pylist()) for s in shards]
+    assert sum(map(len, keys)) == 1000 and set().union(*keys) == set(table.column("key").to_pylist())
+    assert all(250 < len(k) < 420 for k in keys)  # about a third each
+    assert shard_name("laion.shapes-image-text", 1) != shard_name("laion.shapes-image-text", 0)
