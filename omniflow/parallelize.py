@@ -50,14 +50,47 @@ def apply_compile(model: OmniFlowTransformer) -> None:
         block.compile()
 
 
-def apply_fsdp(model: OmniFlowTransformer, *, mixed_precision: torch.dtype | None = None) -> nn.Module:
+def apply_fsdp(model: OmniFlowTransformer, *, mixed_precision: torch.dtype | None = None,
+               streams_may_be_skipped: bool = False) -> nn.Module:
+    """Shard each block, then the rest of the model (FSDP2 `fully_shard`).
+
+    FSDP2 reduce-scatters the gradients a rank has, so ranks whose batches leave different
+    streams out (`skip_absent`) would send different sizes and fail ("Received data size doesn't
+    match expected size"). With `streams_may_be_skipped`, every parameter of a unit enters its
+    forward's graph with weight zero (`include_every_parameter`): a stream left out gets a zero
+    gradient on that rank, and every rank reduces the same tensors. (AdamW then moves such a
+    stream by its momentum in that step, as it would under DDP when another rank used it.)
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) if mixed_precision else None
     kwargs = {"mp_policy": policy} if policy else {}
     for block in model.blocks:
+        if streams_may_be_skipped:
+            include_every_parameter(block)
         fully_shard(block, **kwargs)
+    if streams_may_be_skipped:
+        include_every_parameter(model, skip="blocks.")
     return fully_shard(model, **kwargs)
+
+
+def include_every_parameter(module: nn.Module, *, skip: str | None = None) -> None:
+    """Add zero times the sum of `module`'s parameters (those whose names do not start with
+    `skip`) to the first tensor of each forward's output (a dict), so that a backward pass gives
+    every one of them a gradient. Registered before `fully_shard`, the hook runs while FSDP2 holds
+    the unit's parameters gathered, before it reshards them."""
+
+    def hook(mod: nn.Module, args, output: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not torch.is_grad_enabled():
+            return output
+        params = [p for n, p in mod.named_parameters() if p.requires_grad and not (skip and n.startswith(skip))]
+        if not params:
+            return output
+        zero = torch.stack([p.sum() for p in params]).sum() * 0
+        first = next(iter(output))
+        return {**output, first: output[first] + zero.to(output[first].dtype)}
+
+    module.register_forward_hook(hook)
 
 
 def parallelize(
@@ -71,7 +104,8 @@ def parallelize(
     """Move `model` to `device` and apply `config`; DDP and FSDP need a process group.
 
     `streams_may_be_skipped`: some steps leave a stream out of the forward pass (the objective's
-    `skip_absent`), so DDP must look for parameters without gradients. DDP in a group of one
+    `skip_absent`), so DDP must look for parameters without gradients, and FSDP must give them
+    zero ones (`apply_fsdp`). DDP in a group of one
     process has nothing to synchronise and is left out (as Ray Train's `prepare_model` does).
     """
     model.to(device)
@@ -84,7 +118,7 @@ def parallelize(
     if not dist.is_initialized():
         raise RuntimeError(f"strategy {config.strategy!r} needs torch.distributed to be initialised")
     if config.strategy == "fsdp":
-        return apply_fsdp(model, mixed_precision=mixed_precision)
+        return apply_fsdp(model, mixed_precision=mixed_precision, streams_may_be_skipped=streams_may_be_skipped)
     if dist.get_world_size() == 1:
         return model
     return nn.parallel.DistributedDataParallel(

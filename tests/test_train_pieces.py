@@ -198,3 +198,50 @@ def test_workers_get_disjoint_rows_that_cover_the_stream():
     assert sum(map(len, keys)) == 1000 and set().union(*keys) == set(table.column("key").to_pylist())
     assert all(250 < len(k) < 420 for k in keys)  # about a third each
     assert shard_name("laion.shapes-image-text", 1) != shard_name("laion.shapes-image-text", 0)
+
+
+STREAMS_OF_RANK = (["image", "text", "audio"], ["text", "audio"])
+
+
+def _streams_loss(model, present: list[str]) -> torch.Tensor:
+    """A loss over the `present` streams' outputs, on inputs fixed by the stream set."""
+    config = unwrap(model).config
+    generator = torch.Generator().manual_seed(len(present))
+    shapes = {"text": (4, config.joint_attention_dim), "image": (config.in_channels, config.sample_size, config.sample_size),
+              "audio": (config.audio_in_channels, *config.audio_sample_size)}
+    latents = {m: torch.randn(2, *shapes[m], generator=generator) for m in present}
+    out = model(latents, {m: torch.full((2,), 0.5) for m in present})
+    return sum(o.pow(2).mean() for o in out.values())
+
+
+def _optimizer(model):
+    return build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=1))
+
+
+def _ranks_with_other_streams(rank: int, world: int, root: str) -> None:
+    """Two FSDP2 ranks whose batches hold other streams (all three on one, text and audio on the
+    other), as grouped batches with skip_absent give them; one training step."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
+    model = parallelize(initial_transformer(None, preset="tiny", seed=0), ParallelConfig(strategy="fsdp"),
+                        device=torch.device("cpu"), streams_may_be_skipped=True)
+    optimizer = _optimizer(model)
+    _streams_loss(model, STREAMS_OF_RANK[rank]).backward()
+    optimizer.step()
+    whole = full_model_state(model)
+    if rank == 0:
+        torch.save(whole, f"{root}/after.pt")
+    dist.destroy_process_group()
+
+
+def test_fsdp_ranks_may_leave_out_different_streams(tmp_path):
+    """FSDP2 reduces the gradients each rank has: without every parameter in each unit's graph,
+    ranks that used other streams reduce different tensors together (or fail on their sizes).
+    With it, the step equals one process's step on the mean of both ranks' losses."""
+    mp.spawn(_ranks_with_other_streams, args=(2, str(tmp_path)), nprocs=2)
+    torch.set_num_threads(1)
+    model = initial_transformer(None, preset="tiny", seed=0)
+    optimizer = _optimizer(model)
+    (sum(_streams_loss(model, present) for present in STREAMS_OF_RANK) / 2).backward()
+    optimizer.step()
+    torch.testing.assert_close(torch.load(tmp_path / "after.pt"), model.state_dict(), rtol=1e-4, atol=1e-6)
