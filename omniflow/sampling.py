@@ -1,9 +1,12 @@
 """Euler ODE sampler over per-modality schedules, with classifier-free and multi-modal guidance.
 
 Every guidance branch of a step goes through one batched forward. A branch keeps some conditions
-clean (t = 0) and replaces the others, as the reference does for its unconditional branch, by
-noise at t = 1; its pooled vector is that of its first kept condition in `POOLED_PRIORITY`
-(zeros when none is kept).
+clean (t = 0) and replaces the others by noise at t = 1 (the released OmniFlow's
+`cfg_mode='new'`), or by given "unconditional" latents at t = 0 (its default `cfg_mode='old'`: the
+empty prompt's text latent, the latent of a zero image or mel); its pooled vector is that of its
+first kept condition in `POOLED_PRIORITY` (zeros when none is kept). Absent modalities are left
+out, fed as noise at t = 1, or fed given latents at t = 1 (the released pipeline gives i2a and a2i
+the prompt's text latent there).
 """
 
 from collections.abc import Mapping, Sequence
@@ -80,6 +83,8 @@ def generate(
     guidance: Guidance = 1.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     absent_shapes: Mapping[str, Sequence[int]] | None = None,
+    absent_latents: Mapping[str, torch.Tensor] | None = None,
+    unconditional: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[Modality, torch.Tensor]:
     """Generate a task's target latents by Euler integration from t = 1 to t = 0.
 
@@ -98,7 +103,12 @@ def generate(
             alone, so a sample does not depend on the others in its batch (what batched serving
             needs).
         absent_shapes: modality -> shape without batch for absent modalities to feed as noise at
-            t = 1 (the reference's behaviour); absent modalities not listed are skipped.
+            t = 1 (the reference's training); absent modalities not listed are skipped.
+        absent_latents: modality -> latents (1 or B, ...) to feed an absent modality at t = 1
+            instead of noise (the released pipeline's i2a / a2i feed the prompt's text latent).
+        unconditional: condition modality -> latents (1 or B, ...) that stand for the condition in
+            branches that drop it, at t = 0 (`cfg_mode='old'`); conditions not listed are dropped
+            as noise at t = 1.
 
     Example:
         >>> out = generate(model, "t2i", conditions={"text": text_latents},
@@ -130,10 +140,26 @@ def generate(
         draw_on = generator.device if generator is not None else device
         return torch.randn((batch_size, *shape), generator=generator, device=draw_on).to(device, dtype)
 
+    def per_sample_of(given: Mapping[str, torch.Tensor] | None, allowed: Sequence[Modality], what: str):
+        out = {}
+        for m, latents in (given or {}).items():
+            m = parse_modality(m)
+            if m not in allowed:
+                raise ValueError(f"{what} for {m.value}, which task {task.name!r} does not have ({list(allowed)})")
+            if latents.shape[0] not in (1, batch_size):
+                raise ValueError(f"{what} for {m.value} hold {latents.shape[0]} samples; give 1 or {batch_size}")
+            out[m] = latents.to(device, dtype).expand(batch_size, *latents.shape[1:])
+        return out
+
     x = {m: noise(target_shapes[m]) for m in task.targets}
     null = {m: noise(conditions[m].shape[1:]) for m in task.conditions}
+    null_t = dict.fromkeys(task.conditions, 1.0)
+    given_null = per_sample_of(unconditional, task.conditions, "unconditional latents")
+    null.update(given_null)
+    null_t.update(dict.fromkeys(given_null, 0.0))
     absent_shapes = {parse_modality(m): s for m, s in (absent_shapes or {}).items()}
     absent = {m: noise(absent_shapes[m]) for m in task.absent if m in absent_shapes}
+    absent.update(per_sample_of(absent_latents, task.absent, "absent latents"))
     schedules = {m: sigma_schedule(steps, shift=s).to(device) for m, s in _per_modality(shift, task.targets).items()}
     branches = guidance_branches(task.conditions, guidance)
     width = model.config.pooled_projection_dim
@@ -143,7 +169,7 @@ def generate(
         for m in task.conditions:
             kept = m in branch.kept
             latents[m] = conditions[m].to(device, dtype) if kept else null[m]
-            times[m] = torch.full((batch_size,), 0.0 if kept else 1.0, device=device)
+            times[m] = torch.full((batch_size,), 0.0 if kept else null_t[m], device=device)
         for m, a in absent.items():
             latents[m], times[m] = a, torch.ones(batch_size, device=device)
         vec = torch.zeros(batch_size, width, device=device, dtype=dtype)

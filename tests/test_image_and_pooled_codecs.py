@@ -65,6 +65,19 @@ def test_image_vae_round_trip_shapes(sd3_like_dir):
     assert codec.to_uint8(decoded).shape == (2, 32, 32, 3)
 
 
+def test_image_vae_with_the_released_models_conventions(sd3_like_dir):
+    """`shift_on_encode: false` and `sample_posterior: true`, as the released OmniFlow encodes its
+    image conditions: z * scaling_factor of a posterior sample; decoding still adds the shift."""
+    codec = build_codec({"kind": "image-vae", "path": str(sd3_like_dir), "subfolder": "vae", "resolution": 32,
+                         "shift_on_encode": False, "sample_posterior": True})
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    latents = codec.encode(pixels, generator=torch.Generator().manual_seed(1))
+    posterior = codec.vae.encode(pixels * 2 - 1).latent_dist
+    torch.testing.assert_close(latents, posterior.sample(torch.Generator().manual_seed(1)) * 1.5305)
+    assert not torch.allclose(latents, posterior.mode() * 1.5305)
+    torch.testing.assert_close(codec.norm.denormalise(latents), latents / 1.5305 + 0.0609)
+
+
 def test_image_vae_per_channel_normalisation(tmp_path):
     """`fit_latent_stats` stores latents_mean / latents_std; the codec centres and scales each channel
     with them, and decoding hands the decoder the posterior again."""

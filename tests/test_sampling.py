@@ -114,3 +114,29 @@ def test_generate_errors(tiny_model):
         generate(tiny_model, "t2i", conditions={"text": _cond(T)}, target_shapes={})
     with pytest.raises(ValueError, match="batch_size"):
         generate(tiny_model, "joint", target_shapes={m: SHAPES[m] for m in (I, T, A)})
+
+
+def test_given_unconditional_and_absent_latents(tiny_model):
+    """The released pipeline's conventions as options: a dropped condition replaced by given
+    latents at t = 0 (cfg_mode 'old'), an absent modality fed given latents at t = 1."""
+    seen = []
+    handle = tiny_model.register_forward_pre_hook(lambda mod, args: seen.append((args[0], args[1])))
+    text, empty = _cond(T), _cond(T, n=1, seed=1)
+    generate(tiny_model, "t2i", conditions={"text": text}, unconditional={"text": empty},
+             target_shapes={"image": SHAPES[I]}, steps=1, guidance=5.0, generator=torch.Generator().manual_seed(0))
+    image, prompt = _cond(I), _cond(T, n=1, seed=2)
+    generate(tiny_model, "i2a", conditions={"image": image}, absent_latents={"text": prompt},
+             absent_shapes={"text": SHAPES[T]}, target_shapes={"audio": SHAPES[A]}, steps=1, guidance=2.0,
+             generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    (latents, times), (i2a_latents, i2a_times) = seen
+    assert torch.equal(latents[T][:2], text) and torch.equal(latents[T][2:], empty.expand(2, *SHAPES[T]))
+    assert times[T].tolist() == [0, 0, 0, 0]
+    assert torch.equal(i2a_latents[T], prompt.expand(4, *SHAPES[T])) and i2a_times[T].tolist() == [1, 1, 1, 1]
+    assert i2a_times[I].tolist() == [0, 0, 1, 1]  # the image still dropped as noise at t = 1
+    with pytest.raises(ValueError, match="does not have"):
+        generate(tiny_model, "t2i", conditions={"text": text}, unconditional={"image": image},
+                 target_shapes={"image": SHAPES[I]}, steps=1)
+    with pytest.raises(ValueError, match="give 1 or 2"):
+        generate(tiny_model, "i2a", conditions={"image": image}, absent_latents={"text": _cond(T, n=3)},
+                 target_shapes={"audio": SHAPES[A]}, steps=1)

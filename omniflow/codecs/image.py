@@ -27,6 +27,8 @@ class ImageVAEConfig(CodecConfig):
     kind: str = "image-vae"
     resolution: int = Field(512, gt=0)
     sample_posterior: bool = False
+    shift_on_encode: bool = Field(True, description="subtract the VAE's shift_factor (or latents_mean) when "
+                                  "encoding; the released OmniFlow encodes conditions without it")
 
 
 def as_pil(image: Image.Image | bytes | np.ndarray) -> Image.Image:
@@ -70,7 +72,7 @@ class ImageVAECodec(Codec):
             AutoencoderKL.from_pretrained, config.path, subfolder=config.subfolder, torch_dtype=self.dtype
         ).to(self.device).eval()
         self.vae.requires_grad_(False)
-        self.norm = LatentNorm.from_config(self.vae.config)
+        self.norm = LatentNorm.from_config(self.vae.config, shift_on_encode=config.shift_on_encode)
         self.downsample = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if config.resolution % self.downsample:
             raise ValueError(f"resolution {config.resolution} is not a multiple of the VAE's factor {self.downsample}")
