@@ -7,6 +7,7 @@ returns the weighted, masked MSE with each modality's and task's component for l
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
@@ -19,7 +20,7 @@ from omniflow.flow import (
     velocity_target,
 )
 from omniflow.modality import MODALITIES, Modality
-from omniflow.tasks import Role, Task
+from omniflow.tasks import Role, Task, get_task
 from omniflow.transformer import PREDICTION, OmniFlowTransformer
 from omniflow.wrappers import unwrap
 
@@ -51,6 +52,10 @@ class TrainingRules(BaseModel):
     noised_condition_p: a condition is noised to a sampled time instead of kept clean (loss off).
     condition_drop_p: a condition is replaced by pure noise at t = 1, for classifier-free guidance.
     pooled_drop_p: the pooled vector is zeroed.
+    pooled_from_target: task -> the share of its samples that take the pooled vector of their
+        target instead of their condition's (the release's training script: t2a and i2a 0.3, from
+        the target audio; its rule for t2i and a2i compares a task name with a list and never
+        applies).
     skip_absent: leave a sample's absent modalities out of the forward pass instead of feeding
         them as pure noise at t = 1 (the reference feeds noise). `train_step` then runs one forward
         per group of samples with the same modalities; `flow_loss` on its own skips a modality
@@ -62,7 +67,17 @@ class TrainingRules(BaseModel):
     noised_condition_p: float = Field(0.2, ge=0, le=1)
     condition_drop_p: float = Field(0.15, ge=0, le=1)
     pooled_drop_p: float = Field(0.15, ge=0, le=1)
+    pooled_from_target: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
     skip_absent: bool = False
+
+    @field_validator("pooled_from_target")
+    @classmethod
+    def _one_target(cls, shares: dict[str, float]) -> dict[str, float]:
+        for name in shares:
+            if len(get_task(name).targets) != 1:
+                raise ValueError(f"pooled_from_target: task {name!r} has {len(get_task(name).targets)} targets; "
+                                 f"it takes tasks with one")
+        return shares
 
 
 class FlowObjective(BaseModel):
@@ -135,6 +150,10 @@ def plan_batch(
 
     sources = [task.pooled_source for task in tasks]
     keep = uniform() >= rules.pooled_drop_p
+    if rules.pooled_from_target:
+        u = uniform()
+        sources = [task.targets[0] if u[b] < rules.pooled_from_target.get(task.name, 0.0) else source
+                   for b, (task, source) in enumerate(zip(tasks, sources))]
     for b, source in enumerate(sources):
         if source is None or dropped[source][b]:
             keep[b] = False

@@ -60,6 +60,29 @@ def test_plan_rule_probabilities():
     assert torch.all(~plan.pooled_keep[t_text == 1]), "a dropped condition's pooled vector is zeroed"
 
 
+def test_pooled_vector_from_the_target_for_a_share_of_samples():
+    """The release's rule: t2a and i2a samples take the target audio's pooled vector 30% of the
+    time; other tasks, and the draws before it, are as without the rule."""
+    n = 20_000
+    tasks = [get_task("t2a"), get_task("i2a"), get_task("t2i")] * n
+    rules = TrainingRules(pooled_from_target={"t2a": 0.3, "i2a": 0.3})
+    plan = plan_batch(tasks, FlowObjective(rules=rules), generator=torch.Generator().manual_seed(0))
+    plain = plan_batch(tasks, FlowObjective(), generator=torch.Generator().manual_seed(0))
+    sources = plan.pooled_source
+    for offset, own in ((0, T), (1, I)):
+        mine = sources[offset::3]
+        assert set(mine) == {A, own} and abs(mine.count(A) / n - 0.3) < 0.015
+    assert set(sources[2::3]) == {T}
+    for m in (I, T, A):
+        assert torch.equal(plan.timesteps[m], plain.timesteps[m])
+    switched = torch.tensor([mine != theirs for mine, theirs in zip(sources, plain.pooled_source)])
+    assert torch.equal(plan.pooled_keep[~switched], plain.pooled_keep[~switched])
+    with pytest.raises(ValueError, match="has 3 targets"):
+        TrainingRules(pooled_from_target={"joint": 0.3})
+    with pytest.raises(ValueError, match="unknown task|not a"):
+        TrainingRules(pooled_from_target={"t2x": 0.3})
+
+
 def test_fixed_time_plan_for_validation():
     plan = plan_batch([get_task("t2i"), get_task("it2a")] * 50, FlowObjective(), fixed_time=0.3,
                       generator=torch.Generator().manual_seed(0))
