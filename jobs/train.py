@@ -113,7 +113,7 @@ def run(config: TrainConfig) -> dict:
         "latent_shapes": {m: list(s) for m, s in shapes.items()},
         "validation_rows": validation_rows,
         "model_info": {"preset": config.model.preset, "latent_shapes": {m: list(s) for m, s in shapes.items()},
-                       "absent": "skip" if config.objective.rules.skip_absent else "noise",
+                       "conventions": {"absent": "skip" if config.objective.rules.skip_absent else "noise"},
                        "codecs": codecs, "pooled": data[0].manifest.pooled},
         "tensorboard_dir": tensorboard_dir,
         "metrics_log": metrics_log,

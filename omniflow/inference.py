@@ -30,6 +30,7 @@ import torch
 
 from omniflow.codecs.base import build_codec, codec_config
 from omniflow.codecs.media import MAX_IMAGE_PIXELS, MediaError, decode_image, encode_image
+from omniflow.conventions import Conventions, clip_prefixed, resolve_conventions
 from omniflow.modality import Modality
 from omniflow.model_dir import load_model_dir, read_model_info
 from omniflow.sampling import generate
@@ -38,6 +39,15 @@ from omniflow.tasks import BUILTIN_TASKS, Task, get_task
 # A request's input field for each modality (text is a caption, image and audio are encoded media)
 INPUT_FIELDS: dict[Modality, str] = {Modality.TEXT: "text", Modality.IMAGE: "image", Modality.AUDIO: "audio"}
 MAX_TEXT_CHARS = 2000  # a caption longer than this is refused unread
+
+
+@dataclass(frozen=True)
+class Media:
+    """A prepared image or audio input: `value`, what its codec takes, and `original`, the bytes it
+    came from (which pooled encoders read under `pooled_input: original`)."""
+
+    value: np.ndarray
+    original: bytes
 
 
 class InputPreparer:
@@ -61,8 +71,8 @@ class InputPreparer:
 
     def __call__(self, *, text: str | None = None, image: bytes | None = None,
                  audio: bytes | None = None) -> dict[Modality, Any]:
-        """The given inputs as codec inputs: text -> str, image -> (3, R, R) float32 pixels in [0, 1],
-        audio -> (samples,) float32 waveform at the codec's rate and length."""
+        """The given inputs as codec inputs: text -> str, image -> `Media` of (3, R, R) float32 pixels
+        in [0, 1], audio -> `Media` of a (samples,) float32 waveform at the codec's rate and length."""
         out: dict[Modality, Any] = {}
         for modality, value in ((Modality.TEXT, text), (Modality.IMAGE, image), (Modality.AUDIO, audio)):
             if value is None:
@@ -70,7 +80,8 @@ class InputPreparer:
             if modality not in self.configs:
                 raise MediaError(f"{modality.value}: this model has no {modality.value} codec")
             try:
-                out[modality] = self._prepare(modality, value)
+                prepared = self._prepare(modality, value)
+                out[modality] = prepared if modality == Modality.TEXT else Media(prepared, bytes(value))
             except MediaError as err:
                 raise MediaError(f"{modality.value}: {err}") from None
         return out
@@ -90,7 +101,8 @@ class InputPreparer:
         if modality == Modality.IMAGE:
             from omniflow.codecs.image import to_pixels
 
-            return to_pixels([decode_image(value, max_pixels=self.max_image_pixels)], config.resolution)[0].numpy()
+            image = decode_image(value, max_pixels=self.max_image_pixels)
+            return to_pixels([image], config.resolution, resize=config.resize)[0].numpy()
         from omniflow.codecs.audio import prepare_waveform
 
         return prepare_waveform(value, config.mel, peak=config.peak)
@@ -137,19 +149,54 @@ class Outputs:
 class AnyToAny:
     """A model directory's transformer with its codecs and pooled encoders, ready to sample.
 
-    A task's absent modalities are fed as noise at t = 1 (the reference's convention), or left out
-    of the forward pass where `omniflow.json` says `"absent": "skip"` (a model trained that way).
+    What a task or a guidance branch leaves out is fed as the directory's sampling conventions say
+    (`omniflow.conventions`: its `omniflow.json`, then `conventions`, a profile name or fields).
+    The null inputs those conventions may need are encoded once, here, so that a model whose codecs
+    lack one fails on loading rather than on a request.
     """
 
     def __init__(self, model: torch.nn.Module, codecs: Mapping[Modality, Any], pooled: Mapping[Modality, Any],
-                 info: Mapping[str, Any]):
+                 info: Mapping[str, Any], *, conventions: str | Mapping[str, Any] | None = None):
         self.model, self.codecs, self.pooled, self.info = model, dict(codecs), dict(pooled), dict(info)
         self.latent_shapes = {Modality(m): tuple(s) for m, s in info["latent_shapes"].items()}
         self.streams = tuple(Modality(m) for m in getattr(model, "streams", self.latent_shapes))
+        self.conventions: Conventions = resolve_conventions(info, conventions)
+        if self.conventions.text_condition == "clip_prefix" and not hasattr(self.pooled.get(Modality.TEXT), "encode"):
+            kinds = {m.value: e.config.kind for m, e in self.pooled.items()}
+            raise ValueError(f"text_condition 'clip_prefix' needs a clip-text-pooled text encoder (its CLIP hidden "
+                             f"states); this model's pooled encoders are {kinds}")
+        self.null_latents, self.null_pooled, self.null_text_condition = self._null_inputs()
+
+    def _null_inputs(self) -> tuple[dict[Modality, torch.Tensor], dict[Modality, torch.Tensor], torch.Tensor | None]:
+        """(latents, pooled vectors) of each modality's null input where the conventions use them,
+        and the text stream of the empty caption as a condition."""
+        latents, pooled = {}, {}
+        wanted = set(self.codecs) if self.conventions.dropped_condition == "null" else set()
+        if self.conventions.absent_text == "null" and Modality.TEXT in self.codecs:
+            wanted.add(Modality.TEXT)
+        for m in sorted(wanted & set(self.streams), key=list(Modality).index):
+            latents[m] = self.codecs[m].null_latents()
+            if self.conventions.dropped_condition == "null" and m in self.pooled and m != Modality.IMAGE:
+                pooled[m] = self.pooled[m].null()  # the released pipeline zeroes an image's vector
+        text_condition = None
+        if Modality.TEXT in latents and self.conventions.dropped_condition == "null":
+            text_condition = self._text_condition([""], latents[Modality.TEXT])[0]
+        return latents, pooled, text_condition
+
+    def _text_condition(self, texts: Sequence[str], latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the text stream of captions that condition, their pooled vectors or None), as
+        `text_condition` says."""
+        encoder = self.pooled.get(Modality.TEXT)
+        if self.conventions.text_condition == "latent":
+            return latents, encoder.embed(texts) if encoder is not None else None
+        pooled, hidden = encoder.encode(texts)
+        return clip_prefixed(hidden, latents, self.model.config.joint_attention_dim), pooled
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> "AnyToAny":
-        """Load the transformer (in `dtype`) and the codecs named in `omniflow.json` on `device`."""
+    def load(cls, path: str | Path, *, device: str = "cpu", dtype: str = "float32",
+             conventions: str | Mapping[str, Any] | None = None) -> "AnyToAny":
+        """Load the transformer (in `dtype`) and the codecs named in `omniflow.json` on `device`;
+        `conventions` overrides the directory's sampling conventions."""
         info = read_model_info(path)
         missing = [k for k in ("latent_shapes", "codecs") if k not in info]
         if missing:
@@ -161,7 +208,7 @@ class AnyToAny:
 
         codecs = {Modality(m): build(c) for m, c in info["codecs"].items()}
         pooled = {Modality(m): build(c) for m, c in info.get("pooled", {}).items()}
-        return cls(model, codecs, pooled, info)
+        return cls(model, codecs, pooled, info, conventions=conventions)
 
     @property
     def device(self) -> torch.device:
@@ -207,16 +254,15 @@ class AnyToAny:
         owners = [(r, k) for r, req in enumerate(requests) for k in range(req.num_outputs)]
         timings = {}
         start = time.perf_counter()
-        conditions, pooled = self._encode(task, [requests[r].inputs for r, _ in owners])
+        conditions, pooled = self.encode_conditions(task, [requests[r].inputs for r, _ in owners])
         timings["encode_s"] = time.perf_counter() - start
         start = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(requests[r].seed + k) for r, k in owners]
         latents = generate(
             self.model, task, conditions=conditions, pooled=pooled, batch_size=len(owners),
             target_shapes={m.value: self.latent_shapes[m] for m in task.targets},
-            absent_shapes={m.value: self.latent_shapes[m] for m in task.absent if m in self.streams}
-            if self.info.get("absent", "noise") == "noise" else None,
             steps=params.steps, shift=params.shift, guidance=params.guidance, generator=generators,
+            **self.left_out(task),
         )
         timings["sample_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -232,7 +278,23 @@ class AnyToAny:
             outputs.append(out)
         return outputs
 
-    def _encode(self, task: Task, inputs: Sequence[Mapping[Modality, Any]]) -> tuple[dict, dict]:
+    def left_out(self, task: Task) -> dict[str, Any]:
+        """`generate`'s arguments for what `task` and its guidance branches leave out."""
+        conventions, null = self.conventions, self.null_latents
+        absent = [m for m in task.absent if m in self.streams]
+        args: dict[str, Any] = {
+            "absent_shapes": {m.value: self.latent_shapes[m] for m in absent} if conventions.absent == "noise" else None,
+        }
+        if conventions.absent_text == "null" and Modality.TEXT in absent:
+            args["absent_latents"] = {Modality.TEXT.value: null[Modality.TEXT]}
+        if conventions.dropped_condition == "null":
+            args["unconditional"] = {m.value: null[m] for m in task.conditions}
+            if Modality.TEXT in task.conditions:
+                args["unconditional"][Modality.TEXT.value] = self.null_text_condition
+            args["null_pooled"] = {m.value: self.null_pooled[m] for m in task.conditions if m in self.null_pooled}
+        return args
+
+    def encode_conditions(self, task: Task, inputs: Sequence[Mapping[Modality, Any]]) -> tuple[dict, dict]:
         """(condition latents, pooled vectors) for each sample's inputs."""
         conditions, pooled = {}, {}
         for m in task.conditions:
@@ -240,13 +302,20 @@ class AnyToAny:
             if m == Modality.TEXT:
                 media: Any = values
             else:
-                media = torch.from_numpy(np.stack(values))
+                media = torch.from_numpy(np.stack([v.value for v in values]))
             conditions[m.value] = self.codecs[m].encode(media)
-            if m in self.pooled:
+            if m == Modality.TEXT:
+                conditions[m.value], vector = self._text_condition(media, conditions[m.value])
+                if vector is not None:
+                    pooled[m.value] = vector
+            elif m in self.pooled:
                 from omniflow.codecs.pooled import pooled_inputs
 
-                rate = self.codecs[Modality.AUDIO].sample_rate if m == Modality.AUDIO else None
-                pooled[m.value] = self.pooled[m].embed(pooled_inputs(m, media, rate))
+                if self.conventions.pooled_input == "original":
+                    source = [v.original for v in values]
+                else:
+                    source = pooled_inputs(m, media, self.codecs[m].sample_rate if m == Modality.AUDIO else None)
+                pooled[m.value] = self.pooled[m].embed(source)
         return conditions, pooled
 
     def _decode(self, modality: Modality, latents: torch.Tensor, alone: bool) -> list:

@@ -56,11 +56,13 @@ class TrainingRules(BaseModel):
         target instead of their condition's (the release's training script: t2a and i2a 0.3, from
         the target audio; its rule for t2i and a2i compares a task name with a list and never
         applies).
+    pooled_from_any: tasks whose samples take the pooled vector of one of their modalities drawn
+        uniformly (the release's training script does so for its any-to-any task, `joint` here).
     skip_absent: leave a sample's absent modalities out of the forward pass instead of feeding
         them as pure noise at t = 1 (the reference feeds noise). `train_step` then runs one forward
         per group of samples with the same modalities; `flow_loss` on its own skips a modality
         absent from every sample of its batch. A model trained so is sampled so too
-        (`"absent": "skip"` in its `omniflow.json`).
+        (`"conventions": {"absent": "skip"}` in its `omniflow.json`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -68,6 +70,7 @@ class TrainingRules(BaseModel):
     condition_drop_p: float = Field(0.15, ge=0, le=1)
     pooled_drop_p: float = Field(0.15, ge=0, le=1)
     pooled_from_target: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
+    pooled_from_any: list[str] = Field(default_factory=list)
     skip_absent: bool = False
 
     @field_validator("pooled_from_target")
@@ -79,12 +82,22 @@ class TrainingRules(BaseModel):
                                  f"it takes tasks with one")
         return shares
 
+    @field_validator("pooled_from_any")
+    @classmethod
+    def _known_tasks(cls, names: list[str]) -> list[str]:
+        for name in names:
+            get_task(name)  # an unknown task name is an error that lists the known ones
+        return names
+
 
 class FlowObjective(BaseModel):
     model_config = ConfigDict(extra="forbid")
     timesteps: TimestepSampling = Field(default_factory=TimestepSampling)
     rules: TrainingRules = Field(default_factory=TrainingRules)
     loss_weights: dict[Modality, float] = Field(default_factory=lambda: {m: 1.0 for m in MODALITIES})
+    text_direction_weight: float = Field(
+        0.0, ge=0, description="add this times the MSE between the per-token L2-normalised text x0 prediction and "
+        "target to the text loss (the released OmniFlow trains with 0.1)")
 
 
 @dataclass
@@ -154,6 +167,12 @@ def plan_batch(
         u = uniform()
         sources = [task.targets[0] if u[b] < rules.pooled_from_target.get(task.name, 0.0) else source
                    for b, (task, source) in enumerate(zip(tasks, sources))]
+    if rules.pooled_from_any:
+        u = uniform()
+        for b, task in enumerate(tasks):
+            if task.name in rules.pooled_from_any:
+                present = [m for m in MODALITIES if m in task.targets or m in task.conditions]
+                sources[b] = present[min(int(u[b] * len(present)), len(present) - 1)]
     for b, source in enumerate(sources):
         if source is None or dropped[source][b]:
             keep[b] = False
@@ -171,6 +190,12 @@ def select_pooled(
             vec = pooled[source][b]
             out[b, : vec.shape[-1]] = vec
     return out
+
+
+def direction_mse(pred_BLD: torch.Tensor, target_BLD: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Per-sample MSE (B,) between per-token unit vectors of a prediction and its target."""
+    unit = lambda x: torch.nn.functional.normalize(x.float(), dim=-1, eps=eps)
+    return (unit(pred_BLD) - unit(target_BLD)).pow(2).flatten(1).mean(1)
 
 
 def flow_loss(
@@ -223,6 +248,8 @@ def flow_loss(
         if pred[m].shape != target.shape:
             raise ValueError(f"{m} prediction {tuple(pred[m].shape)} does not match target {tuple(target.shape)}")
         mse = (pred[m].float() - target.float()).pow(2).flatten(1).mean(1)
+        if m == Modality.TEXT and objective.text_direction_weight:
+            mse = mse + objective.text_direction_weight * direction_mse(pred[m], target)
         mask = plan.loss_mask[m]
         per_sample = per_sample + objective.loss_weights.get(m, 1.0) * mask * mse
         if mask.any():

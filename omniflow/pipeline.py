@@ -61,23 +61,26 @@ class OmniFlowPipeline(DiffusionPipeline):
         components = {f"{m.value}_{suffix}": getattr(runner, group).get(m)
                       for group, suffix in COMPONENT_GROUPS.items() for m in Modality}
         pipe = cls(runner.model, **components)
-        pipe.info, pipe._runner = dict(runner.info), runner
+        # the conventions it samples with, an override included, go with a saved copy
+        pipe.info = {**runner.info, "conventions": runner.conventions.model_dump()}
+        pipe._runner = runner
         return pipe
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, device: str = "cpu",
                         torch_dtype: torch.dtype | str = "float32", storage: Any = None,
-                        **unused: Any) -> "OmniFlowPipeline":
+                        conventions: str | Mapping[str, Any] | None = None, **unused: Any) -> "OmniFlowPipeline":
         """Load a model directory (local, or s3:// with `storage`, a `omniflow.storage.StorageConfig`).
 
-        `torch_dtype` is the transformer's; the codecs run as their configs say."""
+        `torch_dtype` is the transformer's; the codecs run as their configs say. `conventions`
+        overrides the directory's sampling conventions (`omniflow.conventions`, e.g. "reference")."""
         if unused:
             raise TypeError(f"OmniFlowPipeline.from_pretrained got unsupported options {sorted(unused)}")
         path = str(pretrained_model_name_or_path)
         if path.startswith("s3://"):
             path = str(fetch_model_dir(path, storage))
         dtype = str(torch_dtype).removeprefix("torch.")
-        return cls.from_any_to_any(AnyToAny.load(path, device=device, dtype=dtype))
+        return cls.from_any_to_any(AnyToAny.load(path, device=device, dtype=dtype, conventions=conventions))
 
     def save_pretrained(self, save_directory: str | os.PathLike, **unused: Any) -> None:
         """Write a self-contained model directory (`omniflow.model_dir.save_model_dir`)."""

@@ -4,7 +4,8 @@ Every guidance branch of a step goes through one batched forward. A branch keeps
 clean (t = 0) and replaces the others by noise at t = 1 (the released OmniFlow's
 `cfg_mode='new'`), or by given "unconditional" latents at t = 0 (its default `cfg_mode='old'`: the
 empty prompt's text latent, the latent of a zero image or mel); its pooled vector is that of its
-first kept condition in `POOLED_PRIORITY` (zeros when none is kept). Absent modalities are left
+first kept condition in `POOLED_PRIORITY` (zeros, or a given null input's vector, when none is
+kept). Absent modalities are left
 out, fed as noise at t = 1, or fed given latents at t = 1 (the released pipeline gives i2a and a2i
 the prompt's text latent there).
 """
@@ -85,6 +86,8 @@ def generate(
     absent_shapes: Mapping[str, Sequence[int]] | None = None,
     absent_latents: Mapping[str, torch.Tensor] | None = None,
     unconditional: Mapping[str, torch.Tensor] | None = None,
+    null_pooled: Mapping[str, torch.Tensor] | None = None,
+    noise: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[Modality, torch.Tensor]:
     """Generate a task's target latents by Euler integration from t = 1 to t = 0.
 
@@ -109,6 +112,12 @@ def generate(
         unconditional: condition modality -> latents (1 or B, ...) that stand for the condition in
             branches that drop it, at t = 0 (`cfg_mode='old'`); conditions not listed are dropped
             as noise at t = 1.
+        null_pooled: condition modality -> pooled vector (1 or B, <= pooled_projection_dim) for the
+            branch that keeps no condition, instead of zeros; the first of the task's conditions in
+            `POOLED_PRIORITY` that has one is used.
+        noise: modality -> noise (1 or B, ...) to use instead of drawing it: a target's starting
+            point (diffusers' `latents=`), the stand-in of a condition that a branch drops, an
+            absent modality's input. Nothing is drawn for a modality given here.
 
     Example:
         >>> out = generate(model, "t2i", conditions={"text": text_latents},
@@ -133,7 +142,7 @@ def generate(
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
 
-    def noise(shape: Sequence[int]) -> torch.Tensor:
+    def draw(shape: Sequence[int]) -> torch.Tensor:
         if per_sample:
             draws = [torch.randn((1, *shape), generator=g, device=g.device) for g in generator]
             return torch.cat(draws).to(device, dtype)
@@ -151,15 +160,22 @@ def generate(
             out[m] = latents.to(device, dtype).expand(batch_size, *latents.shape[1:])
         return out
 
-    x = {m: noise(target_shapes[m]) for m in task.targets}
-    null = {m: noise(conditions[m].shape[1:]) for m in task.conditions}
+    given = per_sample_of(noise, (*task.targets, *task.conditions, *task.absent), "noise")
+
+    def noise_of(m: Modality, shape: Sequence[int]) -> torch.Tensor:
+        return given[m] if m in given else draw(shape)
+
+    x = {m: noise_of(m, target_shapes[m]) for m in task.targets}
+    null = {m: noise_of(m, conditions[m].shape[1:]) for m in task.conditions}
     null_t = dict.fromkeys(task.conditions, 1.0)
     given_null = per_sample_of(unconditional, task.conditions, "unconditional latents")
     null.update(given_null)
     null_t.update(dict.fromkeys(given_null, 0.0))
     absent_shapes = {parse_modality(m): s for m, s in (absent_shapes or {}).items()}
-    absent = {m: noise(absent_shapes[m]) for m in task.absent if m in absent_shapes}
+    absent = {m: noise_of(m, absent_shapes[m]) for m in task.absent if m in absent_shapes}
     absent.update(per_sample_of(absent_latents, task.absent, "absent latents"))
+    null_vec = per_sample_of(null_pooled, task.conditions, "null pooled vectors")
+    null_source = next((m for m in POOLED_PRIORITY if m in null_vec), None)
     schedules = {m: sigma_schedule(steps, shift=s).to(device) for m, s in _per_modality(shift, task.targets).items()}
     branches = guidance_branches(task.conditions, guidance)
     width = model.config.pooled_projection_dim
@@ -176,6 +192,8 @@ def generate(
         source = next((m for m in POOLED_PRIORITY if m in branch.kept and m in pooled), None)
         if source is not None:
             vec[:, : pooled[source].shape[-1]] = pooled[source].to(device, dtype)
+        elif not branch.kept and null_source is not None:
+            vec[:, : null_vec[null_source].shape[-1]] = null_vec[null_source]
         return latents, times, vec
 
     for i in range(steps):

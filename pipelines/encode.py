@@ -205,7 +205,7 @@ class LatentPreprocess:
                 f"image is {image.size[0]}x{image.size[1]}, more elongated than max_image_aspect "
                 f"{self.config.max_image_aspect:g}"
             )
-        return to_pixels([image], self.image.resolution)[0].numpy()
+        return to_pixels([image], self.image.resolution, resize=self.image.resize)[0].numpy()
 
     def _wave(self, data: bytes) -> np.ndarray:
         from omniflow.codecs.audio import prepare_waveform

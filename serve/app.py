@@ -71,7 +71,7 @@ class Generator:
         self.config = ServeConfig.model_validate(config)
         device = str(resolve_device(self.config.device))
         local = fetch_model_dir(self.config.model, self.config.storage)
-        self.pipe = AnyToAny.load(local, device=device, dtype=self.config.dtype)
+        self.pipe = AnyToAny.load(local, device=device, dtype=self.config.dtype, conventions=self.config.conventions)
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         self.described = {
@@ -84,6 +84,7 @@ class Generator:
             "codecs": read_model_info(local, resolve=False)["codecs"],  # as in the directory
             "device": device,
             "dtype": self.config.dtype,
+            "conventions": self.pipe.conventions.model_dump(),
             "max_batch_size": self.config.max_batch_size,
         }
         logger.info("Generator: %s on %s, tasks %s", self.config.model, device, self.described["tasks"])

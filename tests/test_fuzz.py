@@ -278,8 +278,9 @@ def test_input_preparer_refuses_hostile_media(prepare):
     for name, (column, data, _) in _lying_media().items():
         message = _prepare_timed(prepare, **{column: data})
         assert message is not None and message.startswith(f"{column}:"), name
-    assert prepare(image=PNG)[Modality.IMAGE].shape == (3, 16, 16)
-    assert prepare(audio=TONE)[Modality.AUDIO].shape == (20_480,)
+    image, audio = prepare(image=PNG)[Modality.IMAGE], prepare(audio=TONE)[Modality.AUDIO]
+    assert image.value.shape == (3, 16, 16) and image.original == PNG
+    assert audio.value.shape == (20_480,) and audio.original == TONE
 
 
 def test_request_validation_refuses_a_long_text_before_anything_else():

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from omniflow import storage as st
+from omniflow.modality import Modality
 from omniflow.model_dir import save_model_dir
 from omniflow.pipeline import OmniFlowPipeline
 from omniflow.presets import build_transformer
@@ -114,6 +115,81 @@ def test_absent_modalities_follow_the_directory(moved_model, tmp_path):
         inputs = InputPreparer(runner.info["codecs"])(text="a red circle")
         runner.run([Prepared(task="t2i", inputs=inputs, params=SamplingParams(steps=2))])
         assert seen == [streams] * 2, path
+
+
+def test_reference_conventions_feed_null_inputs(moved_model, tmp_path):
+    """With the released pipeline's conventions (`"conventions": {"profile": "reference"}`), a guidance
+    branch that drops a condition feeds the latent of its null input at t = 0 with that input's pooled
+    vector (zeros for images), and i2a feeds the empty caption's latent as its absent text at t = 1;
+    an override when loading gives the same, and the project's conventions feed noise instead."""
+    from omniflow.inference import AnyToAny, InputPreparer, Prepared, SamplingParams
+
+    reference = tmp_path / "reference"
+    shutil.copytree(moved_model, reference)
+    info = json.loads((reference / "omniflow.json").read_text())
+    # the toy's text pooled encoder is open_clip's, which gives no CLIP hidden states to put first
+    released = {"profile": "reference", "text_condition": "latent"}
+    (reference / "omniflow.json").write_text(json.dumps({**info, "conventions": released}))
+    runner = AnyToAny.load(reference)
+    calls = []
+
+    def record(module, args):
+        calls.append(args)
+
+    runner.model.register_forward_pre_hook(record)
+    prepare = InputPreparer(runner.info["codecs"])
+    png = io.BytesIO()
+    PIL.Image.new("RGB", (32, 32), (200, 30, 30)).save(png, format="PNG")
+    audio = runner.codecs[Modality.AUDIO]
+    wav = audio.to_wav_bytes(0.3 * torch.sin(0.05 * torch.arange(audio.mel.num_samples)).unsqueeze(0))[0]
+    inputs = prepare(text="a red circle", image=png.getvalue(), audio=wav)
+    guided = SamplingParams(steps=1, guidance=3.0)
+    outputs = ("t2i", "i2a", "a2t")
+    for task in outputs:
+        runner.run([Prepared(task=task, inputs=inputs, params=guided, seed=5)])
+    null, null_pooled = runner.null_latents, runner.null_pooled
+    assert set(null) == {Modality.TEXT, Modality.IMAGE, Modality.AUDIO} and set(null_pooled) == {Modality.TEXT, Modality.AUDIO}
+    width = runner.model.config.pooled_projection_dim
+    for (latents, times, vec), condition in zip(calls, (Modality.TEXT, Modality.IMAGE, Modality.AUDIO)):
+        m = condition.value
+        assert torch.equal(latents[m][1], null[condition][0]) and times[m].tolist() == [0, 0]
+        expected = torch.zeros(width) if condition == Modality.IMAGE else null_pooled[condition][0][:width]
+        assert torch.equal(vec[1], expected) and vec[0].any()
+    i2a_latents, i2a_times, _ = calls[1]
+    assert torch.equal(i2a_latents["text"], null[Modality.TEXT].expand(2, -1, -1)) and i2a_times["text"].tolist() == [1, 1]
+    # the empty caption, not the request's: i2a takes no text
+    assert not torch.equal(null[Modality.TEXT], runner.codecs[Modality.TEXT].encode(["a red circle"]))
+
+    # the transformer's output layers start at zero, so its inputs, not its outputs, tell conventions apart
+    for conventions in (released, None):
+        runner = AnyToAny.load(moved_model, conventions=conventions)
+        seen = []
+        runner.model.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(args) and None)
+        for task in outputs:
+            runner.run([Prepared(task=task, inputs=inputs, params=guided, seed=5)])
+        for (latents, times, vec), (ref_latents, ref_times, ref_vec), task in zip(seen, calls, outputs):
+            same = all(torch.equal(latents[m], ref_latents[m]) and torch.equal(times[m], ref_times[m])
+                       for m in ref_latents) and torch.equal(vec, ref_vec)
+            assert same == (conventions is not None), (task, conventions)
+    assert runner.null_latents == {} and runner.conventions.dropped_condition == "noise"
+
+
+def test_conventions_are_checked(moved_model):
+    from omniflow.conventions import PROFILES, resolve_conventions
+    from omniflow.inference import AnyToAny
+
+    assert resolve_conventions({"absent": "skip"}).absent == "skip"  # directories written before conventions
+    both = resolve_conventions({"absent": "skip", "conventions": {"profile": "reference"}}, {"absent_text": "noise"})
+    assert (both.absent, both.dropped_condition, both.absent_text, both.text_condition) == (
+        "noise", "null", "noise", "clip_prefix")
+    assert resolve_conventions({"conventions": {"profile": "reference", "absent": "skip"}}).absent == "skip"
+    assert resolve_conventions({}, "reference") == PROFILES["reference"]
+    with pytest.raises(ValueError, match="unknown conventions profile 'released'"):
+        AnyToAny.load(moved_model, conventions="released")
+    with pytest.raises(ValueError, match="clip_prefix' needs a clip-text-pooled text encoder"):
+        AnyToAny.load(moved_model, conventions="reference")
+    with pytest.raises(ValueError, match="dropped_condition"):
+        resolve_conventions({"conventions": {"dropped_condition": "zeros"}})
 
 
 def test_save_pretrained_round_trips(pipe, tmp_path):

@@ -119,11 +119,19 @@ def test_generate_errors(tiny_model):
 def test_given_unconditional_and_absent_latents(tiny_model):
     """The released pipeline's conventions as options: a dropped condition replaced by given
     latents at t = 0 (cfg_mode 'old'), an absent modality fed given latents at t = 1."""
-    seen = []
-    handle = tiny_model.register_forward_pre_hook(lambda mod, args: seen.append((args[0], args[1])))
+    seen, vectors = [], []
+
+    def record(module, args):
+        seen.append(args[:2])
+        vectors.append(args[2])
+
+    handle = tiny_model.register_forward_pre_hook(record)
     text, empty = _cond(T), _cond(T, n=1, seed=1)
-    generate(tiny_model, "t2i", conditions={"text": text}, unconditional={"text": empty},
-             target_shapes={"image": SHAPES[I]}, steps=1, guidance=5.0, generator=torch.Generator().manual_seed(0))
+    width = tiny_model.config.pooled_projection_dim
+    pooled, null_pooled = torch.randn(2, width - 2), torch.randn(1, width - 2)
+    generate(tiny_model, "t2i", conditions={"text": text}, unconditional={"text": empty}, pooled={"text": pooled},
+             null_pooled={"text": null_pooled}, target_shapes={"image": SHAPES[I]}, steps=1, guidance=5.0,
+             generator=torch.Generator().manual_seed(0))
     image, prompt = _cond(I), _cond(T, n=1, seed=2)
     generate(tiny_model, "i2a", conditions={"image": image}, absent_latents={"text": prompt},
              absent_shapes={"text": SHAPES[T]}, target_shapes={"audio": SHAPES[A]}, steps=1, guidance=2.0,
@@ -132,6 +140,9 @@ def test_given_unconditional_and_absent_latents(tiny_model):
     (latents, times), (i2a_latents, i2a_times) = seen
     assert torch.equal(latents[T][:2], text) and torch.equal(latents[T][2:], empty.expand(2, *SHAPES[T]))
     assert times[T].tolist() == [0, 0, 0, 0]
+    assert torch.equal(vectors[0][:2, :-2], pooled) and torch.equal(vectors[0][2:, :-2], null_pooled.expand(2, -1))
+    assert not vectors[0][:, -2:].any()  # zero-padded to the model's width
+    assert not vectors[1][2:].any()  # no null vector given: the unconditional branch's is zero
     assert torch.equal(i2a_latents[T], prompt.expand(4, *SHAPES[T])) and i2a_times[T].tolist() == [1, 1, 1, 1]
     assert i2a_times[I].tolist() == [0, 0, 1, 1]  # the image still dropped as noise at t = 1
     with pytest.raises(ValueError, match="does not have"):
@@ -140,3 +151,24 @@ def test_given_unconditional_and_absent_latents(tiny_model):
     with pytest.raises(ValueError, match="give 1 or 2"):
         generate(tiny_model, "i2a", conditions={"image": image}, absent_latents={"text": _cond(T, n=3)},
                  target_shapes={"audio": SHAPES[A]}, steps=1)
+
+
+def test_given_noise_replaces_every_draw(tiny_model):
+    """Given noise for the target, a dropped condition's stand-in and the absent modality: the
+    generator no longer matters, and the first forward sees exactly those tensors."""
+    noise = {"audio": _cond(A, n=1, seed=3), "image": _cond(I, n=1, seed=4), "text": _cond(T, n=1, seed=5)}
+    image = _cond(I)
+    seen = []
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: seen.append(args[0]) and None)
+    outs = [generate(tiny_model, "i2a", conditions={"image": image}, target_shapes={"audio": SHAPES[A]},
+                     absent_shapes={"text": SHAPES[T]}, steps=2, guidance=3.0, noise=noise,
+                     generator=torch.Generator().manual_seed(seed))[A] for seed in (0, 1)]
+    handle.remove()
+    assert torch.equal(outs[0], outs[1])
+    first = seen[0]
+    assert torch.equal(first[A], noise["audio"].expand(4, *SHAPES[A]))  # two branches of a batch of two
+    assert torch.equal(first[I][2:], noise["image"].expand(2, *SHAPES[I])) and torch.equal(first[I][:2], image)
+    assert torch.equal(first[T], noise["text"].expand(4, *SHAPES[T]))
+    with pytest.raises(ValueError, match="give 1 or 2"):
+        generate(tiny_model, "t2i", conditions={"text": _cond(T)}, target_shapes={"image": SHAPES[I]}, steps=1,
+                 noise={"image": _cond(I, n=3)})

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from omniflow.modality import Modality
-from omniflow.objective import FlowObjective, TrainingRules, flow_loss, plan_batch, select_pooled
+from omniflow.objective import (
+    FlowObjective,
+    TrainingRules,
+    direction_mse,
+    flow_loss,
+    plan_batch,
+    select_pooled,
+)
 from omniflow.presets import PRESETS
 from omniflow.tasks import BUILTIN_TASKS, Role, Task, get_task
 
@@ -123,6 +130,45 @@ def test_loss_components_match_definition(tiny_model):
     single = flow_loss(tiny_model, {m: x[:1] for m, x in x0.items()}, tasks[:1], objective=objective, generator=g2)
     torch.testing.assert_close(single.per_task["t2i"], single.per_modality["image"])
     assert out.loss.requires_grad
+
+
+def test_pooled_from_any_draws_the_source_uniformly():
+    """The release's any-to-any rule: a listed task's samples take the pooled vector of one of their
+    modalities, each a third of the time; other tasks keep their own source; an unknown task is refused."""
+    tasks = [get_task("joint")] * 600 + [get_task("i2t")] * 10
+    rules = TrainingRules(pooled_from_any=["joint"], pooled_drop_p=0.0, condition_drop_p=0.0)
+    plan = plan_batch(tasks, FlowObjective(rules=rules), generator=torch.Generator().manual_seed(0))
+    drawn = plan.pooled_source[:600]
+    shares = {m: drawn.count(m) / 600 for m in (I, T, A)}
+    assert all(0.28 < share < 0.39 for share in shares.values()), shares
+    assert plan.pooled_source[600:] == [I] * 10 and bool(plan.pooled_keep.all())
+    plain = plan_batch(tasks, FlowObjective(rules=TrainingRules(pooled_drop_p=0.0)),
+                       generator=torch.Generator().manual_seed(0))
+    assert set(plain.pooled_source[:600]) == {get_task("joint").pooled_source}
+    with pytest.raises(ValueError, match="unknown task 'any2any'"):
+        TrainingRules(pooled_from_any=["any2any"])
+
+
+def test_text_direction_term_adds_the_unit_vector_mse(tiny_model):
+    """`text_direction_weight` w adds w * MSE(unit(x0 prediction), unit(x0)) per text target; unit
+    vectors are per token, so scaling a token's prediction leaves the term unchanged."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the text head starts at zero, whose direction is undefined
+        for p in tiny_model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    x0 = _batch(3, g)
+    tasks = [get_task(n) for n in ("i2t", "a2t", "t2i")]
+    preds = []
+    handle = tiny_model.register_forward_hook(lambda module, args, out: preds.append(out[T].detach()) and None)
+    plain, weighted = (flow_loss(tiny_model, x0, tasks, objective=FlowObjective(text_direction_weight=w),
+                                 generator=torch.Generator().manual_seed(5)) for w in (0.0, 0.1))
+    handle.remove()
+    torch.testing.assert_close(preds[0], preds[1])
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)
+    by_hand = (unit(preds[0]) - unit(x0[T])).pow(2).mean((1, 2))
+    torch.testing.assert_close(weighted.per_modality["text"] - plain.per_modality["text"], 0.1 * by_hand[:2].mean())
+    torch.testing.assert_close(weighted.per_task["t2i"], plain.per_task["t2i"])  # text is a condition there
+    torch.testing.assert_close(direction_mse(3.0 * x0[T], x0[T]), torch.zeros(3), atol=1e-6, rtol=0)
 
 
 def test_loss_is_deterministic_and_masks_conditions(tiny_model):

@@ -110,7 +110,7 @@ def test_grouped_batches_train_one_modality_group_per_step(tmp_path, latents, ra
     assert [m["step"] for m in metrics] == list(range(1, 13))
     groups = [("loss/image" in m, "loss/audio" in m) for m in metrics]
     assert set(groups) == {(True, False), (False, True)}
-    assert read_model_info(manifest["model_dir"])["absent"] == "skip"
+    assert read_model_info(manifest["model_dir"])["conventions"] == {"absent": "skip"}
     with pytest.raises(ValueError, match="grouped_batches needs objective.rules.skip_absent"):
         TrainConfig.model_validate(_config(latents, str(tmp_path), "bad", grouped_batches=True))
 

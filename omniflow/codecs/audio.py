@@ -293,6 +293,12 @@ class AudioCodec(Codec):
         return self.encode_mel(self.log_mel(waves_BN), generator=generator)
 
     @torch.no_grad()
+    def null_latents(self) -> torch.Tensor:
+        """The latent of an all-zero log-mel (the VAE's input, not a waveform's)."""
+        zero = torch.zeros(1, 1, self.mel.num_frames, self.mel.n_mels, device=self.device, dtype=self.dtype)
+        return self.norm.normalise(self.vae.encode(zero).latent_dist.mode())
+
+    @torch.no_grad()
     def decode_mel(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, t, m) -> log-mels (B, 1, t*f, m*f), float32."""
         z = self.norm.denormalise(latents.to(self.device, self.dtype))

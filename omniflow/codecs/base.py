@@ -64,6 +64,12 @@ class Codec(ABC):
     def decode(self, latents: torch.Tensor) -> Any:
         """Latents (B, *latent_shape) -> a batch of media."""
 
+    def null_latents(self) -> torch.Tensor:
+        """(1, *latent_shape): the latent of this modality's null input (the empty caption, a zero
+        image or log-mel), the posterior's mean, as the released pipeline's unconditional branch
+        feeds it (`omniflow.conventions`)."""
+        raise NotImplementedError(f"codec {self.config.kind!r} defines no null input")
+
     @property
     def device(self) -> torch.device:
         return torch.device(self.config.device)
@@ -88,6 +94,7 @@ _BUILTIN: dict[str, str] = {
     "open-clip-image-pooled": "omniflow.codecs.pooled",
     "open-clip-text-pooled": "omniflow.codecs.pooled",
     "mel-vit-audio-pooled": "omniflow.codecs.pooled",
+    "languagebind-audio-pooled": "omniflow.codecs.languagebind",
 }
 
 

@@ -7,6 +7,7 @@ configured square resolution; `preprocess` resizes the short side and centre-cro
 """
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from omniflow.codecs.base import Codec, CodecConfig, load_pretrained, register_c
 from omniflow.codecs.media import decode_image
 from omniflow.modality import Modality
 
+Resize = Literal["bicubic", "pil-bilinear"]
+
 
 class ImageVAEConfig(CodecConfig):
     """`path` is a VAE directory or hub id; SD3 pipelines keep it in `subfolder: vae`."""
@@ -29,6 +32,8 @@ class ImageVAEConfig(CodecConfig):
     sample_posterior: bool = False
     shift_on_encode: bool = Field(True, description="subtract the VAE's shift_factor (or latents_mean) when "
                                   "encoding; the released OmniFlow encodes conditions without it")
+    resize: Resize = Field("bicubic", description="how the short side is resized: antialiased bicubic, or PIL's "
+                           "bilinear on the 8-bit image, as the released OmniFlow's pipeline does")
 
 
 def as_pil(image: Image.Image | bytes | np.ndarray) -> Image.Image:
@@ -40,15 +45,23 @@ def as_pil(image: Image.Image | bytes | np.ndarray) -> Image.Image:
     return image.convert("RGB")
 
 
-def to_pixels(images: Sequence[Image.Image | bytes | np.ndarray], resolution: int) -> torch.Tensor:
+def to_pixels(images: Sequence[Image.Image | bytes | np.ndarray], resolution: int, *,
+              resize: "Resize" = "bicubic") -> torch.Tensor:
     """Images (PIL, encoded bytes or HxWx3 uint8) -> (B, 3, R, R) float in [0, 1].
 
-    The short side is resized to R (antialiased bicubic) and the centre R x R is kept.
+    The short side is resized to R and the centre R x R is kept. `resize`: "bicubic" resizes the
+    float image (antialiased bicubic); "pil-bilinear" resizes the 8-bit image with PIL's bilinear
+    filter first, as the released OmniFlow's pipeline does.
     """
     out = []
     for image in images:
-        pixels = TF.pil_to_tensor(as_pil(image)).float() / 255.0
-        pixels = TF.resize(pixels, resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        image = as_pil(image)
+        if resize == "pil-bilinear":
+            pixels = TF.pil_to_tensor(TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR))
+            pixels = pixels.float() / 255.0
+        else:
+            pixels = TF.pil_to_tensor(image).float() / 255.0
+            pixels = TF.resize(pixels, resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         out.append(TF.center_crop(pixels, [resolution, resolution]).clamp(0, 1))
     return torch.stack(out)
 
@@ -83,7 +96,7 @@ class ImageVAECodec(Codec):
         return (self.vae.config.latent_channels, side, side)
 
     def preprocess(self, images: Sequence[Image.Image | bytes | np.ndarray]) -> torch.Tensor:
-        return to_pixels(images, self.config.resolution)
+        return to_pixels(images, self.config.resolution, resize=self.config.resize)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -93,6 +106,13 @@ class ImageVAECodec(Codec):
         posterior = self.vae.encode(pixels.to(self.device, self.dtype) * 2 - 1).latent_dist
         z = posterior.sample(generator) if self.config.sample_posterior else posterior.mode()
         return self.norm.normalise(z)
+
+    @torch.no_grad()
+    def null_latents(self) -> torch.Tensor:
+        """The latent of an image that is zero in the VAE's input range [-1, 1] (mid grey)."""
+        side = self.config.resolution
+        zero = torch.zeros(1, 3, side, side, device=self.device, dtype=self.dtype)
+        return self.norm.normalise(self.vae.encode(zero).latent_dist.mode())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,14 @@ class PooledEncoder(ABC):
     def embed(self, media: Any) -> torch.Tensor:
         """(B, pooled_dim) vectors, zero-padded past the encoder's own width."""
 
+    def null(self) -> torch.Tensor:
+        """(1, pooled_dim): the vector of the modality's null input, as the released pipeline's
+        unconditional branch takes it: the empty caption's for text; an audio tower's all-zero input
+        (`MelVitAudioPooled`). Image vectors have none: that pipeline zeroes them."""
+        if self.modality == Modality.TEXT:
+            return self.embed([""])
+        raise NotImplementedError(f"pooled encoder {self.config.kind!r} defines no null input")
+
 
 class ClipTextPooledConfig(PooledConfig):
     """`path` is an SD3 pipeline directory (or any directory with these subfolders)."""
@@ -113,16 +121,23 @@ class ClipTextPooled(PooledEncoder):
             load_pretrained(AutoTokenizer.from_pretrained, config.path, subfolder=sub) for sub in config.tokenizers
         ]
 
-    @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        parts = []
+        return self.encode(texts)[0]
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled vectors (B, pooled_dim), the encoders' penultimate hidden states side by side
+        (B, max_length, sum of their widths)), as SD3's pipeline takes them."""
+        pooled, hidden = [], []
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
             ids = tokenizer(
                 list(texts), padding="max_length", max_length=self.config.max_length, truncation=True,
                 return_tensors="pt",
             ).input_ids
-            parts.append(encoder(ids.to(self.device)).text_embeds.float())
-        return pad_pooled(torch.cat(parts, dim=-1), self.config.pooled_dim)
+            out = encoder(ids.to(self.device), output_hidden_states=True)
+            pooled.append(out.text_embeds.float())
+            hidden.append(out.hidden_states[-2].float())
+        return pad_pooled(torch.cat(pooled, dim=-1), self.config.pooled_dim), torch.cat(hidden, dim=-1)
 
 
 class ClipImagePooledConfig(PooledConfig):
@@ -264,6 +279,14 @@ class MelVitAudioPooled(PooledEncoder):
     @torch.no_grad()
     def embed(self, audio: Sequence[Any]) -> torch.Tensor:
         """Clips as encoded bytes or (wave, sample_rate)."""
-        pixels = mel_pixels(audio, self.config, self.model.config.image_size)
+        return self._embed_pixels(mel_pixels(audio, self.config, self.model.config.image_size))
+
+    def null(self) -> torch.Tensor:
+        """The tower's all-zero (standardised) input."""
+        side = self.model.config.image_size
+        return self._embed_pixels(torch.zeros(1, self.model.config.num_channels, side, side))
+
+    @torch.no_grad()
+    def _embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         embeds = self.model(pixel_values=pixels.to(self.device, self.dtype)).image_embeds.float()
         return pad_pooled(torch.nn.functional.normalize(embeds, dim=-1), self.config.pooled_dim)

@@ -85,6 +85,8 @@ class TextVAEConfig(BaseModel):
     pre_norm: bool = Field(False, description="normalise the Q-Former output instead of the mean")
     latent_scale: float = Field(1.0, gt=0)
     mask_padding: bool = Field(False, description="mask encoder padding (the release does not)")
+    zero_empty: bool = Field(False, description="zero an empty caption's encoder features (the release "
+                             "does for text VAEs whose latent_dim is not 1536)")
     encoder: str = "encoder"
     qformer: str = "qformer"
     decoder: str = "decoder"
@@ -189,11 +191,15 @@ class TextVAE(nn.Module):
             "attention_mask": batch["attention_mask"].to(self.device),
         }
 
-    def posterior(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextPosterior:
-        """Encoder token ids and mask (B, L) -> latent mean (normalised, scaled), log-variance."""
+    def posterior(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                  empty_B: torch.Tensor | None = None) -> TextPosterior:
+        """Encoder token ids and mask (B, L) -> latent mean (normalised, scaled), log-variance.
+        `empty_B` marks empty captions, whose features are zeroed when the config says `zero_empty`."""
         mask = attention_mask if self.config.mask_padding else None
         feats_BLC = self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         feats_BLC = standardize_features(feats_BLC)
+        if self.config.zero_empty and empty_B is not None:
+            feats_BLC = feats_BLC * ~empty_B.to(feats_BLC.device).view(-1, 1, 1)
         query_BQH = self.query.expand(input_ids.shape[0], -1, -1)
         h_BQH = self.qformer(
             query_embeds=query_BQH, encoder_hidden_states=feats_BLC, encoder_attention_mask=mask
@@ -217,7 +223,8 @@ class TextVAE(nn.Module):
         texts = check_texts(texts)
         if not texts:
             return self.query.new_zeros((0, *self.latent_shape))
-        mean = self.posterior(**self.tokenize_encoder(texts)).mean_BQD
+        empty_B = torch.tensor([not t for t in texts])
+        mean = self.posterior(**self.tokenize_encoder(texts), empty_B=empty_B).mean_BQD
         if noise_std > 0:
             noise = torch.randn(
                 mean.shape, generator=generator, device=mean.device, dtype=torch.float32
@@ -444,6 +451,10 @@ class TextVAECodec(Codec):
     def encode(self, media: Sequence[str]) -> torch.Tensor:
         """Captions -> latents (B, num_queries, latent_dim) on the codec's device and dtype."""
         return self.vae.encode(media)
+
+    def null_latents(self) -> torch.Tensor:
+        """The empty caption's latent."""
+        return self.encode([""])
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[str]:

@@ -12,6 +12,8 @@ prefix). Its config (`text_vae/config.json`) is TinyLlama's `LlamaConfig` plus a
     pre_norm         normalise Q-Former output, not mean -> pre_norm
     norm_type        "layer_norm" (no affine), "rms_norm" -> norm_type
     vae_scale        latent multiplier (1.0)             -> latent_scale
+    vae_dim != 1536  zero an empty caption's T5 features   -> zero_empty (the release's "legacy"
+                     mode, 1536, does not)
 
 The Q-Former is `Blip2QFormerConfig(hidden_size=vae_hidden_size, num_hidden_layers=6,
 encoder_hidden_size=prompt_size)` with every other field at its default. The T5 encoder is the
@@ -59,6 +61,7 @@ from omniflow.state_dicts import check_fits
 
 REFERENCE_QFORMER_LAYERS = 6
 REFERENCE_MAX_LENGTH = 77
+LEGACY_LATENT_DIM = 1536  # the release's text VAE; narrower ones zero an empty caption's features
 # (reference prefix, TextVAE prefix); checked in order, the first match wins.
 KEY_RENAMES = (
     ("model.", "decoder.model."),
@@ -132,6 +135,7 @@ def text_vae_config_from_reference(vae_config: Mapping[str, Any]) -> TextVAEConf
         pre_norm=vae_config["pre_norm"],
         latent_scale=vae_config["vae_scale"],
         mask_padding=False,
+        zero_empty=vae_config["vae_dim"] != LEGACY_LATENT_DIM,
     )
 
 

@@ -13,6 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from omniflow.convert.reference import TEXT_DECODER_PREFIX, convert_reference, load_reference_dir
+from omniflow.convert.release import (
+    AUDIOLDM2,
+    CLIP_L,
+    FLAN_T5,
+    LANGUAGEBIND_AUDIO,
+    release_model_dir,
+)
 from omniflow.convert.sd3 import transformer_from_sd3
 from omniflow.modality import MODALITIES
 from omniflow.transformer import TIMESTEP_SCALE, OmniFlowTransformer
@@ -27,7 +34,13 @@ DESCRIPTION = """\
 Convert checkpoints into OmniFlowTransformer's model directory (diffusers save_pretrained layout,
 safetensors), loadable with OmniFlowTransformer.from_pretrained(OUT_DIR).
 
-  reference      the public OmniFlow release (OmniFlowTransformerModel). SRC is the release root or
+  release        the public OmniFlow release as a whole model directory that `python -m serve
+                 --model OUT_DIR` serves with the release's sampling conventions: the transformer,
+                 the image VAE, the text VAE (from the transformer checkpoint and Flan-T5), the
+                 audio VAE (AudioLDM2's) and the pooled encoders (CLIP, LanguageBind's audio
+                 tower). SRC is the release root. Public models the release loads by hub id may be
+                 local directories instead (--clip-l, --t5, --audio, --languagebind).
+  reference      the public OmniFlow release's transformer alone (OmniFlowTransformerModel). SRC is the release root or
                  its transformer/ folder: config.json, diffusion_pytorch_model.safetensors or .bin,
                  and for --ema ema_transformer.pt. The result computes the same function; the few
                  weights the reference never uses are dropped and listed.
@@ -36,12 +49,19 @@ safetensors), loadable with OmniFlowTransformer.from_pretrained(OUT_DIR).
                  start fresh. With audio absent the result computes SD3's image prediction.
   check-fixture  prove the reference conversion on a stored reference fixture: prints a summary,
                  then one JSON line {output: max abs error}; exits 1 if any exceeds 1e-4.
+  check-pipeline-fixture
+                 prove `release` end to end on a pipeline fixture (a tiny release, its inputs, and
+                 what the release's own pipeline drew and produced for t2i, i2t, t2a, a2t, i2a, a2i):
+                 converts it, samples every run again from the same draws, prints one line per run,
+                 then one JSON line {output: relative error}; exits 1 if any exceeds 1e-4.
 
 examples:
-  python -m omniflow.convert reference OmniFlow-v0.5 models/omniflow-v0.5 --ema
+  python -m omniflow.convert release OmniFlow-v0.5 models/omniflow-v0.5 --ema
+  python -m omniflow.convert reference OmniFlow-v0.5 models/omniflow-v0.5-transformer --ema
   python -m omniflow.convert sd3 sd3-medium-diffusers models/omniflow-sd3 --audio-init image
   python -m omniflow.convert check-fixture \\
       tests/fixtures/omniflow_reference/omniflow_ref_seed0.safetensors
+  python -m omniflow.convert check-pipeline-fixture tests/fixtures/omniflow_pipeline
 """
 
 
@@ -51,9 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True)
 
-    ref = commands.add_parser("reference", help="convert the OmniFlow reference release")
+    rel = commands.add_parser("release", help="the OmniFlow release as a model directory to serve")
+    rel.add_argument("src", metavar="SRC_DIR", help="release root (transformer/, vae/, text_vae/, ...)")
+    rel.add_argument("out", metavar="OUT_DIR", help="model directory to create (must not hold files)")
+    rel.add_argument("--ema", action="store_true", help="the EMA weights (transformer/ema_transformer.pt)")
+    rel.add_argument("--clip-l", default=CLIP_L, help=f"CLIP ViT-L/14 for pooled vectors (default: {CLIP_L})")
+    rel.add_argument("--t5", default=FLAN_T5, help=f"the text VAE's encoder (default: {FLAN_T5})")
+    rel.add_argument("--audio", default=AUDIOLDM2, help=f"AudioLDM2 pipeline with vae/, vocoder/ (default: {AUDIOLDM2})")
+    rel.add_argument("--languagebind", default=LANGUAGEBIND_AUDIO,
+                     help=f"LanguageBind's audio tower for audio pooled vectors (default: {LANGUAGEBIND_AUDIO})")
+    rel.add_argument("--vocoder", default="hifigan", choices=("hifigan", "griffin-lim"),
+                     help="hifigan: the AudioLDM2 pipeline's vocoder/; griffin-lim: no weights (default: hifigan)")
+    rel.add_argument("--resolution", type=int, default=512, help="image side in pixels (default: 512)")
+    rel.add_argument("--split-timestep-conditioning", action="store_true", help="as for `reference`")
+
+    ref = commands.add_parser("reference", help="convert the OmniFlow reference release's transformer")
     ref.add_argument("src", metavar="SRC_DIR", help="release root or its transformer/ folder")
     ref.add_argument(
         "out", metavar="OUT_DIR", help="model directory to create (must not hold files)"
@@ -96,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "fixture", metavar="FILE.safetensors", help="fixture; its config is FILE.json beside it"
     )
+    pipeline = commands.add_parser(
+        "check-pipeline-fixture", help="check the release conversion end to end against a pipeline fixture"
+    )
+    pipeline.add_argument("fixture", metavar="FIXTURE_DIR", help="a pipeline fixture directory (manifest.json, ...)")
+    pipeline.add_argument("--runs", nargs="+", default=None, metavar="RUN",
+                          help="runs to check, e.g. t2i.old i2a.new (default: all)")
     return parser
 
 
@@ -137,6 +177,20 @@ def run_reference(args: argparse.Namespace) -> int:
         print(f"  {line}")
     if conversion.fresh_keys:
         print(f"freshly initialised (no reference counterpart): {conversion.fresh_keys}")
+    return 0
+
+
+def run_release(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty directory")
+    result = release_model_dir(
+        args.src, out, ema=args.ema, clip_l=args.clip_l, t5=args.t5, audio=args.audio,
+        languagebind=args.languagebind, vocoder=args.vocoder,
+        resolution=args.resolution, split_timestep_conditioning=args.split_timestep_conditioning,
+    )
+    print(f"wrote {result.path} ({'EMA' if args.ema else 'raw'} weights); latent shapes {result.info['latent_shapes']}")
+    print(f"serve it: python -m serve --model {result.path}")
     return 0
 
 
@@ -202,9 +256,21 @@ def run_check_fixture(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def run_check_pipeline_fixture(args: argparse.Namespace) -> int:
+    from omniflow.convert.pipeline_fixture import PIPELINE_TOLERANCE, pipeline_fixture_errors
+
+    print(f"pipeline fixture {args.fixture}: relative error per output (tolerance {PIPELINE_TOLERANCE:g})")
+    errors = pipeline_fixture_errors(args.fixture, runs=args.runs)
+    failed = [name for name, err in errors.items() if not err <= PIPELINE_TOLERANCE]
+    print("FAIL: " + ", ".join(failed) if failed else "every output matches the release's pipeline")
+    print(json.dumps(errors))
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"reference": run_reference, "sd3": run_sd3, "check-fixture": run_check_fixture}[
+    command = {"release": run_release, "reference": run_reference, "sd3": run_sd3,
+               "check-fixture": run_check_fixture, "check-pipeline-fixture": run_check_pipeline_fixture}[
         args.command
     ]
     try:

@@ -142,7 +142,7 @@ def score(config: LearningConfig, model: torch.nn.Module, codecs: dict, codec_co
     """Quality of `model` on the evaluated tasks it was trained on: task -> both / colour / shape /
     unknown (unreadable) on `samples` held-out scenes (of `concepts` only, when given), sampled as `sampling`
     says and as it was trained."""
-    info = {"codecs": codec_configs, "absent": config.absent,
+    info = {"codecs": codec_configs, "conventions": {"absent": config.absent},
             "latent_shapes": {m.value: list(s) for m, s in get_preset(config.preset).latent_shapes().items()}}
     quality = QualityConfig(tasks=tuple(t for t in EVAL_TASKS if t in config.task_weights()), samples=samples,
                             steps=sampling.steps, guidance=sampling.guidance, shift=sampling.shift,
