@@ -54,7 +54,7 @@ def toy_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def toy_models(toy_dir) -> tuple[dict, dict]:
     """The default toy CLIP and toy codecs, built once per session side by side as the demo builds
-    them (about 3.5 minutes on 2 CPU cores): their manifests (clip, codecs)."""
+    them (about 4 minutes on 2 CPU cores): their manifests (clip, codecs)."""
     from shapesworld.toy.models import build_toy_models
 
     return build_toy_models(toy_dir, workers=2)
