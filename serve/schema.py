@@ -8,9 +8,9 @@ how to change it.
 import random
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from omniflow.conventions import PROFILES
+from omniflow.conventions import conventions_from
 from omniflow.modality import MODALITIES
 from omniflow.storage import StorageConfig
 from omniflow.tasks import BUILTIN_TASKS, get_task
@@ -117,9 +117,15 @@ class ServeConfig(BaseModel):
     model: str = Field(description="model directory (local or s3://) exported by jobs.train or jobs.merge")
     device: str = Field("auto", description="auto (CUDA when the replica has a GPU), cpu, cuda, cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    conventions: Literal[tuple(PROFILES)] | None = Field(
-        None, description="sampling conventions: project, or reference (the released OmniFlow pipeline's); "
-        "default: what the model directory's omniflow.json says")
+    conventions: str | dict[str, str] | None = Field(
+        None, description="sampling conventions over the model directory's: a profile (project, or reference, the "
+        "released OmniFlow pipeline's) or fields, e.g. {dropped_condition: noise} (omniflow.conventions)")
+
+    @field_validator("conventions")
+    @classmethod
+    def _known_conventions(cls, value: str | dict[str, str] | None) -> str | dict[str, str] | None:
+        conventions_from(value)  # raises ValueError naming the profile or field
+        return value
     max_batch_size: int = Field(8, ge=1, description="requests per sampler call (1 turns batching off)")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
     limits: Limits = Field(default_factory=Limits)

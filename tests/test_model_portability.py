@@ -190,6 +190,12 @@ def test_conventions_are_checked(moved_model):
         AnyToAny.load(moved_model, conventions="reference")
     with pytest.raises(ValueError, match="dropped_condition"):
         resolve_conventions({"conventions": {"dropped_condition": "zeros"}})
+    from serve.schema import ServeConfig
+
+    assert ServeConfig(model="m", conventions={"dropped_condition": "noise"}).conventions == {"dropped_condition": "noise"}
+    for bad in ("released", {"dropped_condition": "zeros"}):
+        with pytest.raises(ValueError, match="conventions"):
+            ServeConfig(model="m", conventions=bad)
 
 
 def test_save_pretrained_round_trips(pipe, tmp_path):
