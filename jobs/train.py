@@ -33,6 +33,8 @@ from jobs.common import Progress, dumps, job_main
 from jobs.train_config import TrainConfig, room_for_data
 from jobs.train_logs import TENSORBOARD_DIR, metrics_path
 from omniflow import storage as st
+from omniflow.codecs.pooled import CLIP_TEXT_KIND
+from omniflow.codecs.text_vae import TEXT_VAE_KIND
 from omniflow.config import ConfigError, load_config
 from pipelines.manifest import TrainManifest, write_manifest
 from pipelines.runtime import init_ray, joins_cluster
@@ -104,6 +106,16 @@ def run(config: TrainConfig) -> dict:
     for name, meta in plan.streams.items():
         progress.log(f"stream {name}: share {meta['weight']:.3f}, tasks {meta['tasks']}")
     codecs = data[0].manifest.codecs
+    if config.objective.text_anchor_weight and codecs.get("text", {}).get("kind") != TEXT_VAE_KIND:
+        raise ConfigError(f"objective.text_anchor_weight needs latents made with the text VAE ({TEXT_VAE_KIND}); "
+                          f"{config.datasets[0].path} used text codec {codecs.get('text', {}).get('kind')!r}")
+    pooled = data[0].manifest.pooled
+    if config.objective.rules.prefixes_clip and pooled.get("text", {}).get("kind") != CLIP_TEXT_KIND:
+        raise ConfigError(f"objective.rules.clip_prefix needs latents whose text pooled encoder is {CLIP_TEXT_KIND} "
+                          f"(its hidden states); {config.datasets[0].path} used {pooled.get('text', {}).get('kind')!r}")
+    conventions = {"absent": "skip" if config.objective.rules.skip_absent else "noise"}
+    if config.objective.rules.prefixes_clip:
+        conventions["text_condition"] = "clip_prefix"  # sampled as the release samples what trained so
     st.write_bytes_atomic(st.join(config.run_dir, CONFIG_FILE), dumps(config.model_dump(mode="json")), storage)
 
     metrics_log, tensorboard_dir = _log_paths(config)
@@ -113,8 +125,7 @@ def run(config: TrainConfig) -> dict:
         "latent_shapes": {m: list(s) for m, s in shapes.items()},
         "validation_rows": validation_rows,
         "model_info": {"preset": config.model.preset, "latent_shapes": {m: list(s) for m, s in shapes.items()},
-                       "conventions": {"absent": "skip" if config.objective.rules.skip_absent else "noise"},
-                       "codecs": codecs, "pooled": data[0].manifest.pooled},
+                       "conventions": conventions, "codecs": codecs, "pooled": pooled},
         "tensorboard_dir": tensorboard_dir,
         "metrics_log": metrics_log,
     }

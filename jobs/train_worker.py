@@ -21,6 +21,7 @@ import torch
 from jobs.train_config import TrainConfig
 from jobs.train_logs import RunLogs
 from omniflow import train_state
+from omniflow.codecs import build_codec
 from omniflow.ema import EMA
 from omniflow.initialize import initial_transformer
 from omniflow.model_dir import (
@@ -75,6 +76,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                        rank=rank, position=position, cache_bytes=config.cache_mb_per_stream * 2**20)
     groups = GroupedBatches(config.batch_size) if config.grouped_batches else None
     val_spec = next(d for d in config.datasets if d.name == (config.validation.dataset or config.datasets[0].name))
+    text_anchor = _text_anchor(config, loop_config["model_info"]["codecs"], device)
+    clip_states = _clip_states(config, loop_config["model_info"]["pooled"], device)
     val_batches = validation_batches(loop_config.get("validation_rows"), val_spec, seed=config.validation.seed,
                                      device=device)
 
@@ -95,7 +98,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             t1 = time.perf_counter()
             generator = torch.Generator(device=device).manual_seed(hash((config.seed, rank, step)) % 2**63)
             out = train_step(model, micro, optimizer=optimizer, scheduler=scheduler, objective=config.objective,
-                             grad_clip=config.optim.grad_clip, precision=precision, generator=generator)
+                             grad_clip=config.optim.grad_clip, precision=precision, generator=generator,
+                             text_anchor=text_anchor, clip_states=clip_states)
             if ema is not None:
                 ema.update(model, step)
             if device.type == "cuda":
@@ -112,7 +116,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             metrics = summarize(meter, step=step, world=world, lr=out.lr, flops_per_sample=flops_per_sample, peak=peak)
             metrics["skipped_rows"] = mix.skipped_rows
             if validate:
-                metrics.update(_validate(model, ema, val_batches, config, precision))
+                metrics.update(_validate(model, ema, val_batches, config, precision, text_anchor))
             if rank == 0:
                 _say(log_line(metrics))
                 logs.write(metrics, upload=save)  # before the checkpoint: a restart from it finds these lines
@@ -146,11 +150,11 @@ def _streams(streams: dict[str, dict[str, Any]], config: TrainConfig, rank: int)
     return out
 
 
-def _validate(model, ema, batches, config: TrainConfig, precision: str) -> dict[str, float]:
+def _validate(model, ema, batches, config: TrainConfig, precision: str, text_anchor) -> dict[str, float]:
     """Validation losses of the model (`val/...`) and of its EMA weights (`val/ema_loss`)."""
     def loss() -> dict[str, float]:
         return validation_loss(model, batches, objective=config.objective, times=config.validation.times,
-                               seed=config.validation.seed, precision=precision)
+                               seed=config.validation.seed, precision=precision, text_anchor=text_anchor)
 
     model.eval()
     metrics = {f"val/{k}": v for k, v in loss().items()}
@@ -159,6 +163,23 @@ def _validate(model, ema, batches, config: TrainConfig, precision: str) -> dict[
             metrics["val/ema_loss"] = loss()["loss"]
     model.train()
     return metrics
+
+
+def _text_anchor(config: TrainConfig, codecs: dict[str, Any], device: torch.device):
+    """The frozen text decoder's cross-entropy, when `objective.text_anchor_weight` asks for it: the
+    text VAE the latents were made with, on this worker's device."""
+    if not config.objective.text_anchor_weight:
+        return None
+    return build_codec({**codecs["text"], "device": str(device)}).vae.caption_nll
+
+
+def _clip_states(config: TrainConfig, pooled: dict[str, Any], device: torch.device):
+    """Captions' CLIP hidden states, when `objective.rules.clip_prefix` asks for them: the text
+    pooled encoder the latents were made with, on this worker's device."""
+    if not config.objective.rules.prefixes_clip:
+        return None
+    encoder = build_codec({**pooled["text"], "device": str(device)})
+    return lambda captions: encoder.encode(captions)[1]
 
 
 def _say(line: str) -> None:

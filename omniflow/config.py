@@ -70,11 +70,31 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return str(err)
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict, where: str = "") -> dict:
+    """`extra`'s values over `base`'s, mappings merged key by key; a mapping over a list sets items by
+    index (`datasets.0.weight=2`)."""
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        at = f"{where}{k}"
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = deep_merge(merged[k], v, f"{at}.")
+        elif isinstance(v, dict) and isinstance(merged.get(k), list):
+            merged[k] = _merge_items(merged[k], v, at)
+        else:
+            merged[k] = v
     return merged
+
+
+def _merge_items(items: list, extra: dict, where: str) -> list:
+    out = list(items)
+    for index, value in extra.items():
+        if not str(index).isdigit() or int(index) >= len(out):
+            raise ConfigError(f"override {where}.{index}: {where} is a list of {len(out)} items; "
+                              f"give an index from 0 to {len(out) - 1}")
+        item = out[int(index)]
+        out[int(index)] = deep_merge(item, value, f"{where}.{index}.") \
+            if isinstance(item, dict) and isinstance(value, dict) else value
+    return out
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -115,7 +135,7 @@ def load_config(model: type[ConfigT], source: str | dict | None, overrides: Sequ
     """
     raw = source if isinstance(source, dict) else _read_yaml_mapping(source) if source else {}
     try:
-        return model.model_validate(_merge(raw, parse_overrides(overrides)))
+        return model.model_validate(deep_merge(raw, parse_overrides(overrides)))
     except ValidationError as err:
         raise config_error(err) from None
 

@@ -84,5 +84,8 @@ def resolve_conventions(info: Mapping[str, Any], override: str | Mapping[str, An
 def clip_prefixed(hidden_BLC: torch.Tensor, latents_BQD: torch.Tensor, width: int) -> torch.Tensor:
     """`text_condition: clip_prefix`: CLIP hidden states (B, L, C), then text latents (B, Q, D), each
     zero-padded to `width` features: (B, L + Q, width)."""
+    if max(hidden_BLC.shape[-1], latents_BQD.shape[-1]) > width:
+        raise ValueError(f"CLIP hidden states ({hidden_BLC.shape[-1]} wide) and text latents ({latents_BQD.shape[-1]} "
+                         f"wide) must fit the transformer's text width {width}")
     pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[-1]))
     return torch.cat([pad(hidden_BLC.to(latents_BQD.dtype)), pad(latents_BQD)], dim=1)

@@ -180,7 +180,9 @@ class AnyToAny:
                 pooled[m] = self.pooled[m].null()  # the released pipeline zeroes an image's vector
         text_condition = None
         if Modality.TEXT in latents and self.conventions.dropped_condition == "null":
-            text_condition = self._text_condition([""], latents[Modality.TEXT])[0]
+            empty = latents[Modality.TEXT]
+            prefixed = self.conventions.text_condition == "clip_prefix"
+            text_condition = self._text_condition([""], empty)[0] if prefixed else empty
         return latents, pooled, text_condition
 
     def _text_condition(self, texts: Sequence[str], latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

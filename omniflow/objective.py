@@ -5,13 +5,14 @@ mask, applying the reference's training rules; `flow_loss` noises the latents, r
 returns the weighted, masked MSE with each modality's and task's component for logging.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
+from omniflow.config import deep_merge
 from omniflow.flow import (
     TimestepScheme,
     interpolate,
@@ -58,6 +59,11 @@ class TrainingRules(BaseModel):
         applies).
     pooled_from_any: tasks whose samples take the pooled vector of one of their modalities drawn
         uniformly (the release's training script does so for its any-to-any task, `joint` here).
+    clip_prefix: task -> the share of its samples whose text condition is the CLIP text encoders'
+        hidden states followed by the text latent (`text_condition: clip_prefix` at sampling), kept
+        clean unless dropped (the release: t2i and t2a 0.5). `omniflow.training.train_step` runs
+        them as a forward of their own (`split_clip_prefix`); it needs the captions and a
+        `clip-text-pooled` text encoder.
     skip_absent: leave a sample's absent modalities out of the forward pass instead of feeding
         them as pure noise at t = 1 (the reference feeds noise). `train_step` then runs one forward
         per group of samples with the same modalities; `flow_loss` on its own skips a modality
@@ -71,6 +77,7 @@ class TrainingRules(BaseModel):
     pooled_drop_p: float = Field(0.15, ge=0, le=1)
     pooled_from_target: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
     pooled_from_any: list[str] = Field(default_factory=list)
+    clip_prefix: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=dict)
     skip_absent: bool = False
 
     @field_validator("pooled_from_target")
@@ -82,6 +89,19 @@ class TrainingRules(BaseModel):
                                  f"it takes tasks with one")
         return shares
 
+    @property
+    def prefixes_clip(self) -> bool:
+        """Whether some task draws CLIP hidden states before its text latent."""
+        return any(share > 0 for share in self.clip_prefix.values())
+
+    @field_validator("clip_prefix")
+    @classmethod
+    def _text_conditions(cls, shares: dict[str, float]) -> dict[str, float]:
+        for name in shares:
+            if get_task(name).roles[Modality.TEXT] != Role.CONDITION:
+                raise ValueError(f"clip_prefix: task {name!r} has no text condition; it takes tasks conditioned on text")
+        return shares
+
     @field_validator("pooled_from_any")
     @classmethod
     def _known_tasks(cls, names: list[str]) -> list[str]:
@@ -90,14 +110,46 @@ class TrainingRules(BaseModel):
         return names
 
 
+# The released OmniFlow's training recipe (its scripts/train.py), as this objective's settings: SD3's
+# schedule at shift 1, the target's pooled vector for 30% of t2a / i2a, any modality's for the
+# any-to-any task, CLIP hidden states before half of the t2i / t2a text latents, and the text loss's
+# direction and decoder terms. Its condition noising and dropout rates are this objective's defaults.
+REFERENCE_OBJECTIVE: dict[str, Any] = {
+    "timesteps": {"shift": {"image": 1.0, "text": 1.0, "audio": 1.0}},
+    "rules": {"pooled_from_target": {"t2a": 0.3, "i2a": 0.3}, "pooled_from_any": ["joint"],
+              "clip_prefix": {"t2i": 0.5, "t2a": 0.5}},
+    "text_direction_weight": 0.1,
+    "text_anchor_weight": 0.1,
+}
+
+
 class FlowObjective(BaseModel):
+    """The training objective. `profile: reference` starts from the released OmniFlow's recipe
+    (`REFERENCE_OBJECTIVE`); fields given beside it override the profile's."""
+
     model_config = ConfigDict(extra="forbid")
+    profile: Literal["project", "reference"] = "project"
     timesteps: TimestepSampling = Field(default_factory=TimestepSampling)
     rules: TrainingRules = Field(default_factory=TrainingRules)
     loss_weights: dict[Modality, float] = Field(default_factory=lambda: {m: 1.0 for m in MODALITIES})
     text_direction_weight: float = Field(
         0.0, ge=0, description="add this times the MSE between the per-token L2-normalised text x0 prediction and "
         "target to the text loss (the released OmniFlow trains with 0.1)")
+    text_anchor_weight: float = Field(
+        0.0, ge=0, description="add this times the frozen text decoder's cross-entropy of the caption, read from the "
+        "text x0 prediction, to the text loss (the released OmniFlow trains with 0.1); needs the captions")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _profile(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("profile") == "reference":
+            return deep_merge(REFERENCE_OBJECTIVE, data)
+        return data
+
+
+# Text x0 predictions (B, Q, D) and their captions -> per-sample cross-entropy (B,), differentiable
+# in the predictions: the frozen text decoder (`omniflow.codecs.text_vae.TextVAE.caption_nll`).
+TextAnchor = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 
 @dataclass
@@ -198,6 +250,19 @@ def direction_mse(pred_BLD: torch.Tensor, target_BLD: torch.Tensor, eps: float =
     return (unit(pred_BLD) - unit(target_BLD)).pow(2).flatten(1).mean(1)
 
 
+def anchor_nll(pred_BQD: torch.Tensor, scored: torch.Tensor, captions: Sequence[str | None] | None,
+               text_anchor: TextAnchor | None) -> torch.Tensor:
+    """The text anchor's cross-entropy (B,) for the `scored` samples, zero for the others."""
+    rows = scored.nonzero().flatten().tolist()
+    if text_anchor is None:
+        raise ValueError("objective.text_anchor_weight needs the text decoder (text_anchor)")
+    if captions is None or any(captions[b] is None for b in rows):
+        raise ValueError("objective.text_anchor_weight needs the caption of every sample with a text target")
+    out = torch.zeros(scored.shape[0], device=pred_BQD.device)
+    out[rows] = text_anchor(pred_BQD[rows], [captions[b] for b in rows]).float()
+    return out
+
+
 def flow_loss(
     model: OmniFlowTransformer,
     x0: Mapping[str, torch.Tensor],
@@ -207,6 +272,9 @@ def flow_loss(
     pooled: Mapping[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     fixed_time: float | None = None,
+    captions: Sequence[str | None] | None = None,
+    text_anchor: TextAnchor | None = None,
+    text_prefix: int = 0,
 ) -> LossOutput:
     """Weighted, masked flow-matching loss for a batch with one task per sample.
 
@@ -217,6 +285,11 @@ def flow_loss(
         pooled: modality -> that modality's pooled vector (B, <= pooled_projection_dim).
         fixed_time: put every target at this flow time, with no condition noising or dropout
             (for validation at fixed, evenly spaced times).
+        captions, text_anchor: each sample's caption and the frozen text decoder's cross-entropy,
+            for `objective.text_anchor_weight` (only samples with a text target are scored).
+        text_prefix: the text stream holds this many CLIP hidden states before the text latent
+            (`rules.clip_prefix`): every sample's text is a condition, clean unless dropped, and
+            the latent tokens' features past the latent width stay zero when noised.
 
     The loss is mean over the batch of sum over target modalities of weight * per-sample MSE;
     image and audio heads regress the velocity noise - x0, the text head regresses x0.
@@ -236,8 +309,14 @@ def flow_loss(
     if missing:
         raise ValueError(f"tasks target {missing} but the batch has no latents for them")
 
+    if text_prefix:
+        if any(task.roles[Modality.TEXT] != Role.CONDITION for task in tasks):
+            raise ValueError("a text stream with CLIP hidden states before the latent must be a condition of every sample")
+        plan.timesteps[Modality.TEXT] = (plan.timesteps[Modality.TEXT] >= 1).to(plan.timesteps[Modality.TEXT].dtype)
     noise = {m: torch.randn(x0[m].shape, generator=generator, device=device, dtype=x0[m].dtype) for m in used}
     x_t = {m: interpolate(x0[m], noise[m], plan.timesteps[m]) for m in used}
+    if text_prefix and Modality.TEXT in x_t:  # (skip_absent leaves out a stream dropped in every sample)
+        x_t[Modality.TEXT][:, text_prefix:, bare.config.text_out_dim:] = 0
     pooled_vec = select_pooled(pooled or {}, plan.pooled_source, plan.pooled_keep, bare.config.pooled_projection_dim)
     pred = model(x_t, {m: plan.timesteps[m] for m in used}, pooled_vec.to(ref.dtype))
 
@@ -245,12 +324,18 @@ def flow_loss(
     per_modality = {}
     for m in used:
         target = x0[m] if PREDICTION[m] == "x0" else velocity_target(x0[m], noise[m])
+        if m == Modality.TEXT and text_prefix:  # a condition (loss masked): the head's width of its stream
+            target = target[..., : bare.config.text_out_dim]
         if pred[m].shape != target.shape:
             raise ValueError(f"{m} prediction {tuple(pred[m].shape)} does not match target {tuple(target.shape)}")
         mse = (pred[m].float() - target.float()).pow(2).flatten(1).mean(1)
+        mask = plan.loss_mask[m]
         if m == Modality.TEXT and objective.text_direction_weight:
             mse = mse + objective.text_direction_weight * direction_mse(pred[m], target)
-        mask = plan.loss_mask[m]
+        if m == Modality.TEXT and objective.text_anchor_weight and mask.any():
+            ce = anchor_nll(pred[m], mask.bool(), captions, text_anchor)
+            mse = mse + objective.text_anchor_weight * ce
+            per_modality["text_ce"] = (ce.sum() / mask.sum()).detach()
         per_sample = per_sample + objective.loss_weights.get(m, 1.0) * mask * mse
         if mask.any():
             per_modality[m.value] = ((mask * mse).sum() / mask.sum()).detach()

@@ -322,6 +322,19 @@ def download_dir(path: str, local: str | os.PathLike, storage: StorageConfig) ->
     return str(local)
 
 
+def listing_digest(path: str, storage: StorageConfig) -> str:
+    """A short hash of `path` and what it holds as listed (names, sizes, ETags or modification
+    times): it changes when anything under `path` is written again, without reading the files."""
+    import hashlib
+
+    listing = filesystem(path, storage).find(path, detail=True)
+    digest = hashlib.sha256(path.encode())
+    for name, info in sorted(listing.items()):
+        stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+        digest.update(f"\n{name}\t{info.get('size')}\t{stamp}".encode())
+    return digest.hexdigest()[:16]
+
+
 def local_copy(path: str, storage: StorageConfig, *, cache_root: str | os.PathLike | None = None) -> str:
     """`path` itself when local; for s3:// a local copy of the directory, downloaded once per machine
     into `cache_root` (default: the temp directory) and moved into place whole, so that processes
@@ -330,16 +343,10 @@ def local_copy(path: str, storage: StorageConfig, *, cache_root: str | os.PathLi
     downloaded again."""
     if scheme(path) == "file":
         return path
-    import hashlib
     import tempfile
 
-    listing = filesystem(path, storage).find(path, detail=True)
-    digest = hashlib.sha256(path.encode())
-    for name, info in sorted(listing.items()):
-        stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime")
-        digest.update(f"\n{name}\t{info.get('size')}\t{stamp}".encode())
     root = os.path.join(cache_root or tempfile.gettempdir(), "omniflow-downloads")
-    cache = os.path.join(root, digest.hexdigest()[:16])
+    cache = os.path.join(root, listing_digest(path, storage))
     if not os.path.isdir(cache):
         os.makedirs(root, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".download-", dir=root)
@@ -351,6 +358,24 @@ def local_copy(path: str, storage: StorageConfig, *, cache_root: str | os.PathLi
 
             shutil.rmtree(staging, ignore_errors=True)
     return cache
+
+
+def local_file(path: str, storage: StorageConfig, *, cache_root: str | os.PathLike | None = None) -> str:
+    """`path` itself when local; for s3:// a local copy of the one file, kept as `local_copy` keeps
+    a directory's (once per machine, moved into place whole, keyed by the path and its listing)."""
+    if scheme(path) == "file":
+        return path
+    import tempfile
+
+    root = os.path.join(cache_root or tempfile.gettempdir(), "omniflow-downloads")
+    target = os.path.join(root, f"{listing_digest(path, storage)}-{path.rstrip('/').rsplit('/', 1)[-1]}")
+    if not os.path.isfile(target):
+        os.makedirs(root, exist_ok=True)
+        fd, staging = tempfile.mkstemp(dir=root, prefix=".download-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(read_bytes(path, storage))
+        os.replace(staging, target)
+    return target
 
 
 def upload_dir(local: str | os.PathLike, path: str, storage: StorageConfig, *, last: Sequence[str] = ()) -> None:

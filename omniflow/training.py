@@ -9,7 +9,7 @@ No Ray here: `jobs/train.py` runs this inside Ray Train workers, and a bare loop
 """
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,9 +17,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from omniflow.conventions import clip_prefixed
 from omniflow.lr import warmup_cosine
-from omniflow.objective import FlowObjective, flow_loss
+from omniflow.objective import FlowObjective, TextAnchor, flow_loss
 from omniflow.tasks import Task
+from omniflow.wrappers import unwrap
 
 Precision = Literal["fp32", "bf16"]
 
@@ -40,11 +42,14 @@ class OptimConfig(BaseModel):
 
 @dataclass
 class Batch:
-    """One micro-batch: clean latents and pooled vectors per modality, and a task per sample."""
+    """One micro-batch: clean latents and pooled vectors per modality, a task per sample, and the
+    captions when read (for the text decoder's anchor)."""
 
     latents: dict[str, torch.Tensor]
     tasks: list[Task]
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+    captions: list[str | None] | None = None
+    text_prefix: int = 0  # CLIP hidden states before the text latent (`split_clip_prefix`)
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -62,13 +67,15 @@ class Batch:
     def select(self, rows: list[int] | slice, modalities: tuple[str, ...] | None = None) -> "Batch":
         """These samples (and only these modalities' latents, when given)."""
         index = rows if isinstance(rows, slice) else list(rows)
-        tasks = self.tasks[index] if isinstance(index, slice) else [self.tasks[i] for i in index]
+        pick = lambda items: items[index] if isinstance(index, slice) else [items[i] for i in index]
         return Batch(latents={m: x[index] for m, x in self.latents.items() if modalities is None or m in modalities},
-                     tasks=tasks, pooled={m: v[index] for m, v in self.pooled.items()})
+                     tasks=pick(self.tasks), pooled={m: v[index] for m, v in self.pooled.items()},
+                     captions=None if self.captions is None else pick(self.captions), text_prefix=self.text_prefix)
 
     def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> "Batch":
         move = lambda d: {k: v.to(device, dtype, non_blocking=True) for k, v in d.items()}
-        return Batch(latents=move(self.latents), tasks=self.tasks, pooled=move(self.pooled))
+        return Batch(latents=move(self.latents), tasks=self.tasks, pooled=move(self.pooled), captions=self.captions,
+                     text_prefix=self.text_prefix)
 
 
 class GroupedBatches:
@@ -104,10 +111,38 @@ class GroupedBatches:
         parts = self.pending.pop(key)
         whole = Batch(latents={m: torch.cat([b.latents[m] for b in parts]) for m in parts[0].latents},
                       tasks=[t for b in parts for t in b.tasks],
-                      pooled={m: torch.cat([b.pooled[m] for b in parts]) for m in parts[0].pooled})
+                      pooled={m: torch.cat([b.pooled[m] for b in parts]) for m in parts[0].pooled},
+                      captions=None if any(b.captions is None for b in parts) else [c for b in parts for c in b.captions])
         if len(whole) > self.batch_size:
             self.pending[key] = [whole.select(slice(self.batch_size, None))]
         return whole.select(slice(0, self.batch_size))
+
+
+# Captions -> the CLIP text encoders' penultimate hidden states side by side (B, L, C).
+ClipStates = Callable[[Sequence[str]], torch.Tensor]
+
+
+def split_clip_prefix(batch: Batch, shares: Mapping[str, float], clip_states: ClipStates | None, *, width: int,
+                      generator: torch.Generator | None = None) -> list[Batch]:
+    """`rules.clip_prefix`: the batch as its plain samples and, as a batch of their own, those drawn
+    (each task's share) to take their captions' CLIP hidden states before the text latent, that
+    text stream zero-padded to `width` (`omniflow.conventions.clip_prefixed`). Streams of two
+    lengths need two forwards: the transformer's text stream has no padding mask."""
+    device = next(iter(batch.latents.values())).device
+    u = torch.rand(len(batch), generator=generator, device=device).tolist()
+    drawn = [i for i, task in enumerate(batch.tasks) if u[i] < shares.get(task.name, 0.0)]
+    if not drawn:
+        return [batch]
+    if clip_states is None:
+        raise ValueError("objective.rules.clip_prefix needs the CLIP text encoders (clip_states)")
+    if batch.captions is None or any(batch.captions[i] is None for i in drawn):
+        raise ValueError("objective.rules.clip_prefix needs the caption of every sample it draws")
+    prefixed = batch.select(drawn)
+    hidden = clip_states(prefixed.captions).to(device)
+    prefixed.latents["text"] = clipped = clip_prefixed(hidden, prefixed.latents["text"], width)
+    prefixed.text_prefix = clipped.shape[1] - batch.latents["text"].shape[1]
+    rest = sorted(set(range(len(batch))) - set(drawn))
+    return [batch.select(rest), prefixed] if rest else [prefixed]
 
 
 @dataclass
@@ -165,21 +200,31 @@ def train_step(
     grad_clip: float | None = None,
     precision: Precision = "fp32",
     generator: torch.Generator | None = None,
+    text_anchor: TextAnchor | None = None,
+    clip_states: ClipStates | None = None,
 ) -> StepOutput:
     """Accumulate gradients over `micro_batches` (weighted by their sizes), clip, step.
 
     Per-modality and per-task losses come back averaged over the step's samples, for logging.
     With `objective.rules.skip_absent` each micro-batch runs as one forward per group of samples
-    that use the same modalities (`Batch.by_streams`), so no sample pays for a stream it lacks.
+    that use the same modalities (`Batch.by_streams`), so no sample pays for a stream it lacks;
+    with `objective.rules.clip_prefix` the samples drawn to take CLIP hidden states run as one
+    more (`split_clip_prefix`, reading `clip_states`).
     """
     if objective.rules.skip_absent:
         micro_batches = [group for batch in micro_batches for group in batch.by_streams()]
+    if objective.rules.prefixes_clip:
+        width = unwrap(model).config.joint_attention_dim
+        micro_batches = [part for batch in micro_batches for part in split_clip_prefix(
+            batch, objective.rules.clip_prefix, clip_states, width=width, generator=generator)]
     total = sum(len(b) for b in micro_batches)
     device = next(iter(micro_batches[0].latents.values())).device
     loss_sum, modality_sum, modality_n, task_sum, task_n = 0.0, {}, {}, {}, {}
     for i, batch in enumerate(micro_batches):
         with _no_sync(model, last=i == len(micro_batches) - 1), autocast(device, precision):
-            out = flow_loss(model, batch.latents, batch.tasks, objective=objective, pooled=batch.pooled, generator=generator)
+            out = flow_loss(model, batch.latents, batch.tasks, objective=objective, pooled=batch.pooled,
+                            generator=generator, captions=batch.captions, text_anchor=text_anchor,
+                            text_prefix=batch.text_prefix)
         (out.loss * (len(batch) / total)).backward()
         loss_sum += out.loss.item() * len(batch)
         for name, value in out.per_modality.items():
@@ -216,6 +261,7 @@ def validation_loss(
     times: Sequence[float],
     seed: int = 0,
     precision: Precision = "fp32",
+    text_anchor: TextAnchor | None = None,
 ) -> dict[str, float]:
     """Loss at each fixed flow time over fixed batches with fixed noise: comparable across steps
     and runs. Returns the mean over times ("loss") and each time's value ("loss_t0.5")."""
@@ -228,7 +274,7 @@ def validation_loss(
         for batch in batches:
             with autocast(next(iter(batch.latents.values())).device, precision):
                 loss = flow_loss(model, batch.latents, batch.tasks, objective=objective, pooled=batch.pooled,
-                                 generator=generator, fixed_time=t)
+                                 generator=generator, fixed_time=t, captions=batch.captions, text_anchor=text_anchor)
             total += loss.loss.item() * len(batch)
             n += len(batch)
         out[f"loss_t{t:g}"] = total / n

@@ -2,7 +2,7 @@
 marker, and read back through one function by the job downstream.
 
     curate -> CurateManifest      synthesize -> SynthesizeManifest      encode -> EncodeManifest
-    train  -> TrainManifest       merge      -> MergeManifest
+    train  -> TrainManifest       merge      -> MergeManifest             evaluate -> EvaluateManifest
 
 Each holds the resolved config and its hash (`omniflow.config.config_hash`), timings, package
 versions and what the job made; counts are checked to add up when the model is built, so a job
@@ -229,8 +229,20 @@ class MergeManifest(Manifest):
     outputs: MergeOutputs
 
 
+# ---- evaluate
+
+
+class EvaluateManifest(Manifest):
+    job: Literal["evaluate"] = "evaluate"
+    model: str
+    benchmarks: dict[str, dict[str, dict[str, Any]]] = Field(description="benchmark -> task -> metric -> value")
+    beside_paper: list[dict[str, Any]]
+    outputs: dict[str, str] = Field(description="'metrics', 'report', and '<benchmark>/<task>' -> its directory")
+
+
 AnyManifest = Annotated[
-    Union[CurateManifest, SynthesizeManifest, EncodeManifest, TrainManifest, MergeManifest],  # noqa: UP007
+    Union[CurateManifest, SynthesizeManifest, EncodeManifest, TrainManifest, MergeManifest,  # noqa: UP007
+          EvaluateManifest],
     Field(discriminator="job"),
 ]
 _ANY: TypeAdapter = TypeAdapter(AnyManifest)

@@ -222,12 +222,14 @@ class MixedBatches:
 
 
 def to_batch(table: pa.Table, tasks: list[Task]) -> Batch:
-    """Latent and pooled tensors of a mixed batch. Text latents sit in the `text` stream."""
+    """Latent and pooled tensors of a mixed batch, and its captions where the table has them. Text
+    latents sit in the `text` stream."""
     columns = [c for m in MODALITIES for c in (latent_column(m.value), pooled_column(m.value)) if c in table.column_names]
     tensors = latents_to_tensors(table, columns=columns)
     latents = {m.value: tensors[latent_column(m.value)] for m in MODALITIES if latent_column(m.value) in tensors}
     pooled = {m.value: tensors[pooled_column(m.value)] for m in MODALITIES if pooled_column(m.value) in tensors}
-    return Batch(latents=latents, tasks=tasks, pooled=pooled)
+    captions = table.column("caption").to_pylist() if "caption" in table.column_names else None
+    return Batch(latents=latents, tasks=tasks, pooled=pooled, captions=captions)
 
 
 def stream_weights(specs: Sequence[DatasetSpec], source_weights: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -138,18 +138,20 @@ def committed_parts(directory: str, storage: st.StorageConfig) -> list[str]:
 
 
 def read_parts(paths: Sequence[str], storage: st.StorageConfig, columns: Sequence[str] | None = None, *,
-               with_part: bool = False) -> pa.Table | None:
+               with_part: bool = False, keys: Collection[str] | None = None) -> pa.Table | None:
     """`columns` of the given part files (all columns when None), in their order; None for no
-    parts. With `with_part`, a last column "part" names each row's file (as in `paths`). Arrow
-    reads the files in parallel threads, from S3 through its native client."""
+    parts. With `with_part`, a last column "part" names each row's file (as in `paths`); with
+    `keys`, only the rows with those keys (pushed into the scan). Arrow reads the files in parallel
+    threads, from S3 through its native client."""
     if not paths:
         return None
     dataset = pads.dataset([st.arrow_path(p) for p in paths], format="parquet",
                            filesystem=st.arrow_filesystem(paths[0], storage))
     names = list(columns) if columns is not None else dataset.schema.names
+    where = pc.field("key").isin(list(keys)) if keys is not None else None
     if not with_part:
-        return dataset.to_table(columns=names)
-    table = dataset.to_table(columns=[*names, "__filename"])  # Arrow's name for a row's file
+        return dataset.to_table(columns=names, filter=where)
+    table = dataset.to_table(columns=[*names, "__filename"], filter=where)  # Arrow's name for a row's file
     part_of = {st.arrow_path(p): p for p in paths}
     part = pa.array([part_of[f] for f in table.column("__filename").to_pylist()], pa.string())
     return table.set_column(len(names), "part", part)

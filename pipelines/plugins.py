@@ -10,10 +10,15 @@ ones, and nothing here imports the package by name. The toy domain plugs in this
     [project.entry-points."omniflow_ray.generators"]
     shapesworld = "shapesworld.generator:ShapesWorldSettings"
 
+    [project.entry-points."omniflow_ray.checkers"]
+    shapesworld = "shapesworld.quality:check_outputs"
+
 - a source is a `GeneratedSource` (samples a Python function makes, sharded by count);
 - a generator is a `pipelines.generators.base.GeneratorSettings` with a `fills` class variable
   (the modalities it can fill) and a `build(modality)` method returning the
-  `pipelines.generators.base.Generator`.
+  `pipelines.generators.base.Generator`;
+- a concept checker is a function `(modality, generated outputs, reference captions) -> [{attribute:
+  agrees}]` that the evaluation job calls by name (`metrics.checkers`).
 
 A plugin module imports only this module and `pipelines.generators.base`, never the modules that
 build the config unions, so either side may be imported first.
@@ -29,6 +34,7 @@ from pipelines.schema import MEDIA_COLUMNS, MediaName
 
 SOURCES = "omniflow_ray.sources"
 GENERATORS = "omniflow_ray.generators"
+CHECKERS = "omniflow_ray.checkers"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # no "/": sample keys are split on it
 
 
@@ -36,6 +42,14 @@ def load(group: str) -> tuple[type, ...]:
     """The classes the installed packages name in entry point `group`, sorted by entry name."""
     found = sorted(entry_points(group=group), key=lambda ep: ep.name)
     return tuple(ep.load() for ep in found)
+
+
+def load_named(group: str, name: str) -> Any:
+    """The object an installed package names `name` in entry point `group`."""
+    found = {ep.name: ep for ep in entry_points(group=group)}
+    if name not in found:
+        raise ValueError(f"nothing named {name!r} in {group}; installed: {sorted(found)}")
+    return found[name].load()
 
 
 class SourceBase(BaseModel):

@@ -98,6 +98,37 @@ TRIPLET_SAMPLE = pa.schema(
     ]
 )
 
+# A benchmark sample the evaluation job generated from: the benchmark's own media (its conditions
+# and the reference for the target), the task, the sample's seed and what the model generated (the
+# task's target; the other generated columns stay null).
+EVAL_SAMPLE = pa.schema(
+    list(RAW_SAMPLE)
+    + [
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("generated_image", pa.binary()),  # PNG
+        pa.field("generated_caption", pa.string()),
+        pa.field("generated_audio", pa.binary()),  # WAV
+        pa.field("schema_version", pa.int16(), nullable=False),
+    ]
+)
+
+# Per-sample scores of the evaluation job (null where a metric does not apply to the task).
+EVAL_SCORE = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("clip_score", pa.float32()),  # 100 * max(cos, 0), generated image vs caption
+        pa.field("clap_score", pa.float32()),  # the same for generated audio vs caption
+        pa.field("cider", pa.float32()),  # generated caption vs the reference caption
+        pa.field("bleu4", pa.float32()),
+        pa.field("rouge_l", pa.float32()),
+        pa.field("checks", pa.string()),  # a concept checker's JSON: attribute -> read back right
+        pa.field("schema_version", pa.int16(), nullable=False),
+    ]
+)
+
 # Samples that did not make it: rejected (bad input) or filtered (a rule said no), with why.
 DROPPED_SAMPLE = pa.schema(
     [

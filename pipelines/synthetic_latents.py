@@ -27,9 +27,11 @@ from pipelines.schema import (
 
 def write_latent_dataset(
     out: Path, shapes: dict[str, tuple], sources: dict[str, tuple[list[str], int, float]], *, seed: int = 0,
-    parts: int = 2,
+    parts: int = 2, codecs: dict[str, dict] | None = None, pooled: dict[str, dict] | None = None,
 ) -> dict:
-    """`sources`: name -> (media present, e.g. ["image", "caption"], rows, source weight).
+    """`sources`: name -> (media present, e.g. ["image", "caption"], rows, source weight);
+    `codecs`, `pooled`: what the manifest says made the latents and pooled vectors (none by
+    default; no pooled vectors are written either way).
 
     Each row belongs to one of 4 classes; every modality's latent is its class's fixed pattern
     plus noise, so the modalities predict each other and a model can learn."""
@@ -72,6 +74,6 @@ def write_latent_dataset(
         latents={"dtype": "float32", "storage_type": str(LATENT_STORAGE["float32"]),
                  "shapes": {latent_column(m): list(s) for m, s in shapes.items()},
                  "codec_config_hash": config_hash({"codecs": {}, "pooled": {}})},
-        codecs={}, outputs={"latents": paths, "rejects": []},
+        codecs=codecs or {}, pooled=pooled or {}, outputs={"latents": paths, "rejects": []},
     )
     return write_manifest(str(out), manifest, StorageConfig())

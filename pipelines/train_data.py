@@ -130,7 +130,7 @@ class LatentDataset:
 
 def validation_columns(schema: pa.Schema) -> list[str]:
     """What `presence` and `to_batch` read, as far as the latents hold it."""
-    wanted = ["source"]
+    wanted = ["source", "caption"]
     for m in MODALITIES:
         wanted += [f"has_{m.value}", SYNTHETIC_FLAG[m], latent_column(m.value), pooled_column(m.value)]
     return [c for c in wanted if c in schema.names]

@@ -8,7 +8,7 @@ configs of `configs/` pointed into the output directory:
 
     toy CLIP + toy codecs (runs/toy/, cached) -> curate (planted defects) -> synthesize -> encode
     -> train stage 1 (image-text) and stage 2 (text-audio) -> merge -> train stage 3 (any-to-any)
-    -> serve the model and query every task over HTTP -> measure quality -> report
+    -> serve the model and query every task over HTTP -> measure quality -> evaluate -> report
 
 A stage whose manifest exists with the same config hash, and whose inputs are the ones it was made
 from, is reused, so a rerun (or one after an interruption) redoes only what changed and everything
@@ -16,8 +16,10 @@ after it; a stage whose inputs changed starts from an empty output directory (`<
 records which toy builds and which run of the stage before it each stage read). Output `<out>/`:
     curated/ triplets/ latents/ train/ merge/   each stage's output and manifest.json
     samples/                                    what the service answered per task (PNG, WAV, TXT)
-    metrics.json                                quality per task (colour, shape, both), curation
-                                                counts, training and serving figures, stage timings
+    eval/                                       the evaluation job's output (metrics.json, report.html)
+    metrics.json                                quality per task (colour, shape, both), the evaluation's
+                                                metrics, curation counts, training and serving
+                                                figures, stage timings
     report.html                                 samples, spectrograms with players, captions, loss
                                                 curves, curation histograms and counts
 """
@@ -66,6 +68,8 @@ class DemoConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     train_overrides: list[str] = Field(default_factory=list, description="key=value for every training stage")
     quality: QualityConfig = Field(default_factory=QualityConfig)
+    evaluation_samples: int = Field(40, ge=1, description="held-out rows per benchmark set of the evaluation job")
+    evaluation_overrides: list[str] = Field(default_factory=list, description="key=value for the evaluation job")
     serve_samples: int = Field(2, ge=1, le=8, description="outputs per task asked of the service for the report")
     serve_steps: int = Field(20, ge=1)
     ray: RayConfig = Field(default_factory=lambda: RayConfig(num_cpus=2))
@@ -202,8 +206,21 @@ class Demo:
         quality = self._quality(model_dir)
         self.timings["quality"] = round(time.perf_counter() - t0, 1)
 
+        def eval_scale(data: dict) -> None:
+            for benchmark in data["benchmarks"]:
+                benchmark["source"]["samples"] = c.evaluation_samples
+
+        from jobs import evaluate
+        from pipelines.evaluation.config import EvaluateConfig
+
+        cfg = stage_config(EvaluateConfig, "evaluate_shapesworld.yaml", out, c.toy, eval_scale,
+                           overrides=tuple(c.evaluation_overrides))
+        evaluation = self.stage("evaluate", cfg, cfg.output, evaluate.run)
+
         metrics = {
             "quality": quality,
+            "evaluation": {"output": cfg.output, "benchmarks": evaluation["benchmarks"],
+                           "beside_paper": evaluation["beside_paper"]},
             "curation": manifests["curate"]["counts"],
             "synthesis": manifests["synthesize"]["counts"],
             "data_checks": data_checks,

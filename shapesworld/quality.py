@@ -94,3 +94,12 @@ def evaluate(pipe: AnyToAny, config: QualityConfig | None = None, *, log=print) 
     short = [name for name, r in results.items() if r.get("both", 1.0) < config.goal]
     return {"config": config.model_dump(mode="json"), "tasks": results,
             "min_both": min(r["both"] for r in results.values() if "both" in r), "below_goal": short}
+
+
+def check_outputs(modality: str, outputs: Sequence, captions: Sequence[str]) -> list[dict[str, bool]]:
+    """The evaluation job's concept checker (`metrics.checkers: shapesworld`): per generated output
+    (PNG bytes, WAV bytes or a caption), whether its colour and shape read back as its row's
+    caption names them. An output the checkers cannot read is wrong on both."""
+    got, want = read_concepts(Modality(modality), outputs), read_caption(list(captions))
+    return [{"colour": g is not None and g == w, "shape": gs is not None and gs == ws}
+            for g, w, gs, ws in zip(got.colours, want.colours, got.shapes, want.shapes)]

@@ -19,6 +19,7 @@ import soundfile
 
 from jobs.train_logs import last_per_step, read_metrics
 from omniflow.storage import StorageConfig, join
+from pipelines.evaluation.report import metrics_table, paper_table
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
@@ -91,6 +92,18 @@ def write_report(out: Path, metrics: dict, manifests: dict) -> Path:
     rows = [[t, _fmt(r["both"], goal), _fmt(r["colour"], goal), _fmt(r["shape"], goal), f"{r['unknown']:.3f}", r["seconds"]]
             for t, r in quality["tasks"].items()]
     parts.append(_table(["task", "both", "colour", "shape", "unreadable", "seconds"], rows))
+
+    evaluation = metrics.get("evaluation")
+    if evaluation:
+        parts.append(f"<h2>Evaluation</h2><p><code>python -m jobs.evaluate</code> on held-out sets, with the toy CLIP "
+                     f"and audio tower in the places of the paper's extractors (per-sample scores, the best and worst "
+                     f"samples: <code>{html.escape(evaluation['output'])}/report.html</code>).</p>")
+        for bench, tasks in evaluation["benchmarks"].items():
+            parts.append(f"<h3>{html.escape(bench)}</h3>{metrics_table(tasks)}")
+        if evaluation["beside_paper"]:
+            parts.append("<h3>Beside the paper</h3><p>The layout of the paper's tables; the published numbers measure "
+                         "OmniFlow on real benchmarks with real extractors, so only the layout carries over.</p>"
+                         + paper_table(evaluation["beside_paper"]))
 
     served = metrics["serving"]
     parts.append(f"<h2>Generated over HTTP</h2><p>Inputs: caption “{html.escape(served['inputs']['caption'])}”, "

@@ -73,6 +73,29 @@ def toy_clip(toy_dir, toy_models):
 
 
 @pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory, toy_codecs):
+    """A model directory of a random toy transformer with the session's toy codecs, exported from a
+    training checkpoint as `jobs.train` exports one."""
+    from omniflow.model_dir import (
+        export_checkpoint,
+        load_training_checkpoint,
+        save_training_checkpoint,
+        transformer_config,
+    )
+    from shapesworld.toy.codecs import toy_codec_configs
+
+    codecs_dir, _ = toy_codecs
+    torch.manual_seed(0)
+    model = build_transformer("toy")
+    root = tmp_path_factory.mktemp("toy_model")
+    info = {"preset": "toy", "latent_shapes": {"image": [4, 8, 8], "text": [8, 32], "audio": [4, 32, 16]},
+            "codecs": toy_codec_configs(codecs_dir), "pooled": {}}
+    save_training_checkpoint(root / "checkpoint", model_state=model.state_dict(), model_config=transformer_config(model),
+                             step=1, model_info=info)
+    return export_checkpoint(load_training_checkpoint(root / "checkpoint"), root / "model", use_ema=False)
+
+
+@pytest.fixture(scope="session")
 def clap_dir(tmp_path_factory):
     """A tiny random CLAP with its feature extractor and a tiny RoBERTa tokenizer, saved as
     `from_pretrained` reads a real one."""

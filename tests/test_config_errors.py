@@ -60,7 +60,16 @@ CASES = {  # id: (arguments after the job's name, what the error line must say)
     "a mapping for a string": (["--config", CURATE, "output.path=x"], ["output: Input should be a valid string"]),
     "two bad fields": (["--config", CURATE, "ray.num_cpus=0", "weighting=3"], ["weighting: Input should be", "; ray.num_cpus: Input should be greater than or equal to 1 (got 0)"]),
     "no config at all": ([], ["output: Field required", "sources: Field required"]),
+    "list index past the end": (["--config", CURATE, "sources.3.samples=10"],
+                                ["override sources.3: sources is a list of 3 items; give an index from 0 to 2"]),
+    "list item field unknown": (["--config", CURATE, "sources.0.bogus=1"], ["sources.0.source.shapesworld.bogus: Extra inputs"]),
 }
+
+
+def test_overrides_set_list_items_by_index():
+    config = load_config(curate.CurateConfig, CURATE, ["sources.1.samples=10", "sources.2.filters.min_image_side=8"])
+    assert [s.source.samples for s in config.sources] == [2000, 10, 500]
+    assert config.sources[2].filters.min_image_side == 8 and config.sources[2].source.name == "shapes-image-audio"
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))

@@ -21,7 +21,7 @@ from shapesworld.defects import make_records
 from shapesworld.demo import Demo, DemoConfig, run, toy_fingerprint
 from shapesworld.quality import EVAL_TASKS, read_concepts
 
-STAGES = ["curate", "synthesize", "encode", "train stage1", "train stage2", "merge", "train stage3"]
+STAGES = ["curate", "synthesize", "encode", "train stage1", "train stage2", "merge", "train stage3", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def demo(tmp_path_factory, toy_dir, toy_codecs, toy_clip, ray_cluster) -> tuple[
         "steps": {"stage1": 8, "stage2": 8, "stage3": 12}, "batch_size": 16,
         "train_overrides": ["log.every=4", "checkpoint.every=100", "validation.rows=16"],
         "quality": {"samples": 10, "steps": 3, "batch_size": 10}, "serve_samples": 1, "serve_steps": 3,
+        "evaluation_samples": 4, "evaluation_overrides": ["sampling.steps=3"],
     })
     return config, run(config)
 
@@ -53,6 +54,13 @@ def test_every_stage_runs_and_metrics_hold_every_task(demo):
     assert (out / "model" / "model_index.json").is_file() and (out / "model" / "image_codec").is_dir()
     final = metrics["training"]["stage3"]
     assert {"task/t2i", "task/a2t"} <= set(final) and torch.isfinite(torch.tensor(final["val/loss"]))
+    evaluation = metrics["evaluation"]["benchmarks"]
+    assert {t for tasks in evaluation.values() for t in tasks} == {"t2i", "i2t", "t2a", "a2t", "i2a", "a2i"}
+    assert all(r["samples"] == 4 for tasks in evaluation.values() for r in tasks.values())
+    assert {(r["task"], r["metric"]) for r in metrics["evaluation"]["beside_paper"]} >= {("t2i", "fid"), ("t2a", "fad")}
+    audio = evaluation["shapes-audio-text"]
+    assert audio["t2a"]["fad"] >= 0 and 0 <= audio["t2a"]["clap_score"] <= 100 and 0 <= audio["a2t"]["clap_score"] <= 100
+    assert 0 <= evaluation["shapes-image-audio"]["i2a"]["checks_all"] <= 1
 
 
 def test_the_merged_model_is_its_definition(demo):
@@ -81,6 +89,7 @@ def test_service_answered_every_task_and_the_report_shows_it(demo):
     report = (out / "report.html").read_text()
     assert report.count("<audio controls") >= 1 + sum(".wav" in f for a in answers.values() for f in a["files"])
     assert all(f"<h3>{task}</h3>" in report for task in BUILTIN_TASKS)
+    assert "<h2>Evaluation</h2>" in report and "Beside the paper" in report
     files = [f for a in answers.values() for f in a["files"]]
     wavs, pngs = sum(f.endswith(".wav") for f in files), sum(f.endswith(".png") for f in files)
     # every generated image, a spectrogram per clip, the input image, a loss plot per stage

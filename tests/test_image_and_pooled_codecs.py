@@ -7,11 +7,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
+from tiny_clip import write_clip_text_towers
 from transformers import (
     CLIPImageProcessor,
-    CLIPTextConfig,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
@@ -31,21 +29,7 @@ def sd3_like_dir(tmp_path_factory):
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         layers_per_block=1, norm_num_groups=8, scaling_factor=1.5305, shift_factor=0.0609,
     ).save_pretrained(root / "vae")
-    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}
-    vocab.update({f"{c}</w>": len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"))
-    for i, (sub, width) in enumerate((("text_encoder", 8), ("text_encoder_2", 12))):
-        config = CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=77, projection_dim=width, eos_token_id=vocab["<|endoftext|>"],
-            bos_token_id=vocab["<|startoftext|>"], pad_token_id=vocab["<|endoftext|>"],
-        )
-        CLIPTextModelWithProjection(config).save_pretrained(root / sub)
-        tokenizer.save_pretrained(root / ("tokenizer" if i == 0 else "tokenizer_2"))
-    return root
+    return write_clip_text_towers(root)
 
 
 def test_image_vae_round_trip_shapes(sd3_like_dir):

@@ -30,6 +30,7 @@ from jobs.synthesize import SynthesizeConfig
 from jobs.train_config import TrainConfig
 from omniflow import storage as st
 from omniflow.config import load_config
+from pipelines.evaluation.config import EvaluateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -40,6 +41,7 @@ CONFIG_CLASSES = {
     "encode": EncodeConfig,
     "train": TrainConfig,
     "merge": MergeJobConfig,
+    "evaluate": EvaluateConfig,
 }
 SERVE_IMPORT_PATH = "serve.app:build_app"
 SERVE_DEPLOYMENTS = {"Frontend", "Generator"}
@@ -159,6 +161,7 @@ def fake_codec_sets(monkeypatch):
     pooled encoders) and record which directories the configs asked for. Validating a config must
     not touch storage (the s3:// paths are the cluster's): any attempt fails."""
     import jobs.encode
+    import pipelines.evaluation.config
 
     def no_storage(path, *args, **kwargs):
         raise AssertionError(f"validating a config opened {path}")
@@ -171,13 +174,16 @@ def fake_codec_sets(monkeypatch):
         if posixpath.basename(str(root).rstrip("/")) == "clip":
             clip = {"path": str(root), "model_name": "shapesworld-clip", "config_file": "shapesworld-clip.json",
                     "pretrained": "open_clip_model.safetensors", "pooled_dim": 64}
+            tower = {"kind": "mel-vit-audio-pooled", "path": posixpath.join(str(root), "audio_tower"), "pooled_dim": 64}
             return {"codecs": {}, "pooled": {"image": {"kind": "open-clip-image-pooled", **clip},
-                                             "text": {"kind": "open-clip-text-pooled", **clip}}}
+                                             "text": {"kind": "open-clip-text-pooled", **clip}, "audio": tower}}
         return {"codecs": {"image": {"kind": "image-vae", "path": posixpath.join(str(root), "image_vae"), "resolution": 32},
-                           "text": {"kind": "omniflow-text-vae", "path": posixpath.join(str(root), "text_vae")}},
+                           "text": {"kind": "omniflow-text-vae", "path": posixpath.join(str(root), "text_vae")},
+                           "audio": {"kind": "mel-vae", "path": posixpath.join(str(root), "audio")}},
                 "pooled": {}}
 
     monkeypatch.setattr(jobs.encode, "read_codec_set", read_codec_set)
+    monkeypatch.setattr(pipelines.evaluation.config, "read_codec_set", read_codec_set)
     return asked
 
 
@@ -503,6 +509,8 @@ def test_the_jobs_chain_through_one_bucket_into_the_served_model(fake_codec_sets
     assert stage3.model.init == merge.output
     (app,) = serve_config()["applications"]
     assert app["args"]["model"] == exported(stage3)
+    (evaluate,) = by_job["evaluate"]
+    assert evaluate.model == exported(stage3)
 
     paths = [p for configs in by_job.values() for c in configs for p in s3_paths(c)] + [app["args"]["model"]]
     assert len({p.split("/")[2] for p in paths}) == 1, "every s3:// path is in one bucket"

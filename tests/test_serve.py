@@ -19,22 +19,13 @@ import numpy as np
 import pytest
 import requests
 import soundfile
-import torch
 import yaml
 from PIL import Image
 
 from omniflow.codecs.media import encode_audio
-from omniflow.model_dir import (
-    export_checkpoint,
-    load_training_checkpoint,
-    save_training_checkpoint,
-    transformer_config,
-)
-from omniflow.presets import build_transformer
 from omniflow.tasks import BUILTIN_TASKS
 from serve.client import Client, ServiceError
 from shapesworld import make_records
-from shapesworld.toy.codecs import toy_codec_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BODY = 400_000
@@ -48,17 +39,8 @@ def _port() -> int:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, toy_codecs) -> Path:
-    """A model directory exported from a training checkpoint, as `jobs.train` exports one."""
-    codecs_dir, _ = toy_codecs
-    torch.manual_seed(0)
-    model = build_transformer("toy")
-    root = tmp_path_factory.mktemp("serve")
-    info = {"preset": "toy", "latent_shapes": {"image": [4, 8, 8], "text": [8, 32], "audio": [4, 32, 16]},
-            "codecs": toy_codec_configs(codecs_dir), "pooled": {}}
-    save_training_checkpoint(root / "checkpoint", model_state=model.state_dict(), model_config=transformer_config(model),
-                             step=1, model_info=info)
-    return export_checkpoint(load_training_checkpoint(root / "checkpoint"), root / "model", use_ema=False)
+def model_dir(toy_model_dir) -> Path:
+    return toy_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,10 @@
 
 import pytest
 import torch
+from tiny_clip import write_clip_text_towers
 
+from omniflow.codecs import build_codec
+from omniflow.codecs.text_vae_train import build_tiny_text_vae
 from omniflow.modality import Modality
 from omniflow.objective import (
     FlowObjective,
@@ -12,8 +15,16 @@ from omniflow.objective import (
     plan_batch,
     select_pooled,
 )
-from omniflow.presets import PRESETS
+from omniflow.presets import PRESETS, build_transformer
 from omniflow.tasks import BUILTIN_TASKS, Role, Task, get_task
+from omniflow.training import (
+    Batch,
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    split_clip_prefix,
+    train_step,
+)
 
 I, T, A = Modality.IMAGE, Modality.TEXT, Modality.AUDIO
 
@@ -171,6 +182,48 @@ def test_text_direction_term_adds_the_unit_vector_mse(tiny_model):
     torch.testing.assert_close(direction_mse(3.0 * x0[T], x0[T]), torch.zeros(3), atol=1e-6, rtol=0)
 
 
+def test_text_anchor_adds_the_decoders_cross_entropy_of_the_prediction(tiny_model):
+    """`text_anchor_weight` w adds w * the frozen text decoder's cross-entropy of each text target's
+    caption, read from the model's x0 prediction; its gradient reaches the transformer; t2i (text a
+    condition) is unchanged; without the decoder or a caption it is an error."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    captions = ["class 0", "class 1", "class 2"]
+    text_shape = PRESETS["tiny"].latent_shapes()[T]
+    vae = build_tiny_text_vae(captions, num_queries=text_shape[0], latent_dim=text_shape[1], width=32, num_layers=1)
+    vae.requires_grad_(False)
+    x0 = _batch(3, g)
+    tasks = [get_task(n) for n in ("i2t", "a2t", "t2i")]
+    preds = []
+    handle = tiny_model.register_forward_hook(lambda module, args, out: preds.append(out[T].detach()) and None)
+    run = lambda w, **kw: flow_loss(tiny_model, x0, tasks, objective=FlowObjective(text_anchor_weight=w),
+                                    generator=torch.Generator().manual_seed(5), **kw)
+    plain = run(0.0)
+    weighted = run(0.1, captions=captions, text_anchor=vae.caption_nll)
+    handle.remove()
+    by_hand = vae.caption_nll(preds[0][:2], captions[:2])
+    torch.testing.assert_close(weighted.per_modality["text_ce"], by_hand.mean())
+    torch.testing.assert_close(weighted.per_modality["text"] - plain.per_modality["text"], 0.1 * by_hand.mean())
+    torch.testing.assert_close(weighted.per_task["t2i"], plain.per_task["t2i"])
+    assert "text_ce" not in plain.per_modality
+
+    grads = []
+    for w in (0.0, 0.1):
+        tiny_model.zero_grad()
+        run(w, captions=captions, text_anchor=vae.caption_nll).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tiny_model.parameters() if p.grad is not None]))
+    assert not torch.allclose(grads[0], grads[1])
+    assert all(p.grad is None for p in vae.parameters())
+
+    with pytest.raises(ValueError, match="needs the text decoder"):
+        run(0.1, captions=captions)
+    with pytest.raises(ValueError, match="needs the caption of every sample with a text target"):
+        run(0.1, captions=[None, "class 1", None], text_anchor=vae.caption_nll)
+    run(0.1, captions=["class 0", "class 1", None], text_anchor=vae.caption_nll)  # t2i's caption is not read
+
+
 def test_loss_is_deterministic_and_masks_conditions(tiny_model):
     x0 = _batch(2, torch.Generator().manual_seed(0))
     tasks = [get_task("t2i")] * 2
@@ -268,3 +321,103 @@ def test_a_shift_set_for_one_modality_leaves_the_others_at_sd3s():
     assert objective.timesteps.shift == {Modality.IMAGE: 3.0, Modality.TEXT: 3.0, Modality.AUDIO: 1.0}
     with pytest.raises(ValueError, match="greater than 0"):
         FlowObjective.model_validate({"timesteps": {"shift": {"audio": 0}}})
+
+
+@pytest.fixture(scope="module")
+def clip_text(tmp_path_factory):
+    """Two CLIP text towers 8 wide: their hidden states side by side (16) fit the tiny text width."""
+    root = write_clip_text_towers(tmp_path_factory.mktemp("clip"), hidden_size=8)
+    return build_codec({"kind": "clip-text-pooled", "path": str(root), "pooled_dim": 24, "max_length": 6})
+
+
+def test_clip_prefix_puts_the_drawn_samples_in_a_batch_of_their_own(clip_text):
+    """`rules.clip_prefix` {t2i: 1}: every t2i sample goes to a second batch whose text stream is
+    its caption's CLIP hidden states (6 tokens here) then its latent, both zero-padded to the
+    width; the other samples stay as they were; a share of 0.5 draws about half."""
+    g = torch.Generator().manual_seed(0)
+    x0 = _batch(6, g)
+    names = ("t2i", "t2i", "t2a", "i2t", "t2i", "t2a")
+    captions = ["red cube", "blue ball", "dog barks", "a cat", "green", "rain"]
+    batch = Batch(latents={m.value: v for m, v in x0.items()}, tasks=[get_task(n) for n in names], captions=captions)
+    states = lambda texts: clip_text.encode(texts)[1]
+    rest, pre = split_clip_prefix(batch, {"t2i": 1.0}, states, width=24, generator=torch.Generator().manual_seed(1))
+    assert [t.name for t in pre.tasks] == ["t2i"] * 3 and pre.captions == [captions[i] for i in (0, 1, 4)]
+    assert [t.name for t in rest.tasks] == ["t2a", "i2t", "t2a"] and rest.text_prefix == 0
+    torch.testing.assert_close(rest.latents["text"], x0[T][[2, 3, 5]], rtol=0, atol=0)
+    hidden = states(pre.captions)
+    assert hidden.shape == (3, 6, 16) and pre.text_prefix == 6 and pre.latents["text"].shape == (3, 10, 24)
+    torch.testing.assert_close(pre.latents["text"][:, :6, :16], hidden, rtol=0, atol=0)
+    torch.testing.assert_close(pre.latents["text"][:, 6:, :16], x0[T][[0, 1, 4]], rtol=0, atol=0)
+    assert not pre.latents["text"][..., 16:].any()
+    torch.testing.assert_close(pre.latents["image"], x0[I][[0, 1, 4]], rtol=0, atol=0)
+
+    many = Batch(latents={m.value: v for m, v in _batch(400, g).items()}, tasks=[get_task("t2i")] * 400,
+                 captions=["red"] * 400)
+    parts = split_clip_prefix(many, {"t2i": 0.5}, states, width=16, generator=torch.Generator().manual_seed(2))
+    assert len(parts) == 2 and 160 < len(parts[1]) < 240 and sum(map(len, parts)) == 400
+    assert split_clip_prefix(batch, {"t2a": 0.0}, states, width=16) == [batch]
+    with pytest.raises(ValueError, match="needs the CLIP text encoders"):
+        split_clip_prefix(batch, {"t2i": 1.0}, None, width=16)
+    with pytest.raises(ValueError, match="needs the caption of every sample it draws"):
+        split_clip_prefix(Batch(latents=batch.latents, tasks=batch.tasks), {"t2i": 1.0}, states, width=16)
+    with pytest.raises(ValueError, match="CLIP hidden states .16 wide. and text latents .16 wide. must fit"):
+        split_clip_prefix(batch, {"t2i": 1.0}, states, width=12)
+    with pytest.raises(ValueError, match="task 'i2t' has no text condition"):
+        TrainingRules(clip_prefix={"i2t": 0.5})
+
+
+def test_prefixed_text_is_clean_unless_dropped_and_its_latent_padding_stays_zero(clip_text):
+    """With CLIP hidden states before the latent, the text condition is never noised (even at
+    noised_condition_p 1): t = 0 gives the stream as it is, a dropped one (t = 1) is noise except
+    the latent tokens' features past the latent width, which stay zero as at sampling."""
+    model = build_transformer("tiny", joint_attention_dim=24).eval()
+    x0 = _batch(32, torch.Generator().manual_seed(0))
+    batch = Batch(latents={m.value: v for m, v in x0.items()}, tasks=[get_task("t2i")] * 32, captions=["red cube"] * 32)
+    (pre,) = split_clip_prefix(batch, {"t2i": 1.0}, lambda texts: clip_text.encode(texts)[1], width=24)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args: seen.append(args) and None)
+    objective = FlowObjective(rules=TrainingRules(noised_condition_p=1.0, condition_drop_p=0.5))
+    flow_loss(model, pre.latents, pre.tasks, objective=objective, generator=torch.Generator().manual_seed(3),
+              text_prefix=pre.text_prefix)
+    handle.remove()
+    x_t, t = seen[0][0][T], seen[0][1][T]
+    clean, dropped = t == 0, t == 1
+    assert bool((clean | dropped).all()) and clean.any() and dropped.any()
+    torch.testing.assert_close(x_t[clean], pre.latents["text"][clean], rtol=0, atol=0)
+    assert (x_t[dropped][:, :, :16] != 0).all() and (x_t[dropped][:, :6, 16:] != 0).all()
+    assert not x_t[dropped][:, 6:, 16:].any()
+    with pytest.raises(ValueError, match="must be a condition of every sample"):
+        flow_loss(model, pre.latents, [get_task("i2t")] * 32, text_prefix=pre.text_prefix)
+    all_dropped = FlowObjective(rules=TrainingRules(condition_drop_p=1.0, skip_absent=True))
+    out = flow_loss(model, pre.latents, pre.tasks, objective=all_dropped, text_prefix=pre.text_prefix)
+    assert set(out.per_modality) == {"image"}  # the text stream, dropped everywhere, is left out
+
+
+def test_train_step_runs_prefixed_samples_as_a_forward_of_their_own(clip_text):
+    model = build_transformer("tiny")
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(latents={m.value: v for m, v in _batch(8, g).items()},
+                  tasks=[get_task(n) for n in ("t2i", "i2t") * 4], captions=["red cube", "a ball"] * 4)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(args[0][T].shape) and None)
+    optim = OptimConfig(lr=1e-3, warmup_steps=0)
+    optimizer = build_optimizer(model, optim)
+    objective = FlowObjective(rules=TrainingRules(clip_prefix={"t2i": 1.0}))
+    out = train_step(model, [batch], optimizer=optimizer, scheduler=build_scheduler(optimizer, optim, total_steps=2),
+                     objective=objective, generator=g, clip_states=lambda texts: clip_text.encode(texts)[1])
+    assert forwards == [(4, 4, 16), (4, 10, 16)] and out.samples == 8
+    assert set(out.task_counts) == {"t2i", "i2t"} and all(v == 4 for v in out.task_counts.values())
+
+
+def test_the_reference_profile_is_the_release_recipe_under_given_fields():
+    reference = FlowObjective.model_validate({"profile": "reference"})
+    assert reference.timesteps.shift == {I: 1.0, T: 1.0, A: 1.0}
+    assert reference.rules.pooled_from_target == {"t2a": 0.3, "i2a": 0.3} and reference.rules.pooled_from_any == ["joint"]
+    assert reference.rules.clip_prefix == {"t2i": 0.5, "t2a": 0.5} and reference.rules.prefixes_clip
+    assert reference.text_direction_weight == reference.text_anchor_weight == 0.1
+    assert (reference.rules.noised_condition_p, reference.rules.condition_drop_p) == (0.2, 0.15)  # the defaults
+    given = FlowObjective.model_validate({"profile": "reference", "text_anchor_weight": 0.0,
+                                          "rules": {"clip_prefix": {"t2i": 0, "t2a": 0}, "skip_absent": True}})
+    assert given.text_anchor_weight == 0.0 and not given.rules.prefixes_clip and given.rules.skip_absent
+    assert given.rules.pooled_from_any == ["joint"]  # what was not given stays the profile's
+    assert FlowObjective() == FlowObjective(profile="project") and FlowObjective().text_anchor_weight == 0.0

@@ -102,6 +102,25 @@ def test_save_load_round_trip_gives_identical_latents(tiny_vae, saved_dir):
     assert loaded.decode(z, max_new_tokens=6) == tiny_vae.decode(z, max_new_tokens=6)
 
 
+def test_caption_nll_is_per_caption_and_matches_the_reconstruction_loss(tiny_vae):
+    """Each caption's mean next-token cross-entropy, unchanged by the batch it sits in (padding is
+    not scored); over captions of one length their mean is the batch's reconstruction loss; it is
+    differentiable in the latents."""
+    texts = ["a small red circle on the left", "blue square", "red circle on the left"]
+    with torch.no_grad():
+        z = tiny_vae.encode(texts)
+    z = (z + 0.3 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    nll = tiny_vae.caption_nll(z, texts)
+    assert nll.shape == (3,) and (nll > 0).all()
+    for i, text in enumerate(texts):
+        torch.testing.assert_close(tiny_vae.caption_nll(z[i : i + 1], [text]), nll[i : i + 1])
+    same_length = [texts[1], "red square"]
+    torch.testing.assert_close(tiny_vae.caption_nll(z[:2], same_length).mean(),
+                               tiny_vae.reconstruction_loss(z[:2], tiny_vae.tokenize_decoder(same_length)))
+    nll.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
 def _manual_greedy(vae: TextVAE, z: torch.Tensor, steps: int) -> list[list[int]]:
     """Argmax decoding with a full forward per step: prefix, BOS, then the tokens so far."""
     tok = vae.tokenizer_decoder

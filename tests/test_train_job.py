@@ -17,11 +17,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from tensorboardX.proto.event_pb2 import Event
+from tiny_clip import write_clip_text_towers
 
 from jobs.train import main, run
 from jobs.train_config import TrainConfig
 from jobs.train_logs import read_metrics
 from omniflow import storage as st
+from omniflow.codecs.pooled import CLIP_TEXT_KIND
+from omniflow.codecs.text_vae import TEXT_VAE_KIND
+from omniflow.codecs.text_vae_train import build_tiny_text_vae
+from omniflow.config import ConfigError
 from omniflow.initialize import initial_transformer
 from omniflow.model_dir import fetch_model_dir, load_model_dir, read_model_info
 from omniflow.presets import get_preset
@@ -36,6 +41,22 @@ SOURCES = {"it": (["image", "caption"], 96, 1.0), "at": (["audio", "caption"], 6
 def latents(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("latents")
     write_latent_dataset(out, SHAPES, SOURCES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def latents_with_text_encoders(tmp_path_factory) -> Path:
+    """The same rows, their manifest naming a tiny text VAE of the text stream's shape (what the
+    text anchor decodes with; its captions are the rows' "class 0" ... "class 3") and tiny CLIP
+    text towers as the text pooled encoder (what clip_prefix reads: 8 + 8 features, the tiny
+    preset's text width, 6 tokens)."""
+    out = tmp_path_factory.mktemp("with_text_encoders")
+    vae = build_tiny_text_vae([f"class {c}" for c in range(4)], num_queries=SHAPES["text"][0],
+                              latent_dim=SHAPES["text"][1], width=32, num_layers=1)
+    vae.save_pretrained(out / "text_vae")
+    clip = write_clip_text_towers(out / "clip", hidden_size=8, projections=(4, 4))
+    write_latent_dataset(out, SHAPES, SOURCES, codecs={"text": {"kind": TEXT_VAE_KIND, "path": str(out / "text_vae")}},
+                         pooled={"text": {"kind": CLIP_TEXT_KIND, "path": str(clip), "pooled_dim": 16, "max_length": 6}})
     return out
 
 
@@ -99,20 +120,36 @@ def test_ddp_on_two_workers_with_metrics_checkpoints_and_export(tmp_path, latent
     assert out["image"].shape == (1, *SHAPES["image"]) and torch.isfinite(out["image"]).all()
 
 
-def test_grouped_batches_train_one_modality_group_per_step(tmp_path, latents, ray_cluster):
+def test_grouped_batches_train_one_modality_group_per_step(tmp_path, latents, latents_with_text_encoders,
+                                                           ray_cluster):
     """With grouped_batches every step is all image-text or all audio-text samples: a step's log
-    holds the image loss or the audio loss, never both, and the mix still reaches both."""
+    holds the image loss or the audio loss, never both, and the mix still reaches both. The run
+    also trains with the release's text options: the text anchor (the workers load the text VAE
+    the manifest names; steps with text targets log its cross-entropy) and CLIP hidden states
+    before half of the t2i / t2a text latents (the workers load the CLIP towers; the model
+    directory says to sample so)."""
+    release_text = {"rules": {"skip_absent": True, "clip_prefix": {"t2i": 0.5, "t2a": 0.5}}, "text_anchor_weight": 0.1}
     config = TrainConfig.model_validate(_config(
-        latents, str(tmp_path), "grouped", steps=12, log={"every": 1}, ema=None,
-        objective={"rules": {"skip_absent": True}}, grouped_batches=True))
+        latents_with_text_encoders, str(tmp_path), "grouped", steps=12, log={"every": 1}, ema=None,
+        objective=release_text, grouped_batches=True))
     manifest = run(config)
     metrics = _metrics(tmp_path / "grouped")
     assert [m["step"] for m in metrics] == list(range(1, 13))
     groups = [("loss/image" in m, "loss/audio" in m) for m in metrics]
     assert set(groups) == {(True, False), (False, True)}
-    assert read_model_info(manifest["model_dir"])["conventions"] == {"absent": "skip"}
+    assert read_model_info(manifest["model_dir"])["conventions"] == {"absent": "skip", "text_condition": "clip_prefix"}
+    text_steps = [m for m in metrics if "loss/text" in m]
+    assert text_steps and all(math.isfinite(m["loss/text_ce"]) and m["loss/text_ce"] > 0 for m in text_steps)
+    assert all("loss/text_ce" not in m for m in metrics if "loss/text" not in m)
     with pytest.raises(ValueError, match="grouped_batches needs objective.rules.skip_absent"):
         TrainConfig.model_validate(_config(latents, str(tmp_path), "bad", grouped_batches=True))
+    without_vae = TrainConfig.model_validate(_config(latents, str(tmp_path), "no_vae", objective={"text_anchor_weight": 1}))
+    with pytest.raises(ConfigError, match="text_anchor_weight needs latents made with the text VAE"):
+        run(without_vae)
+    without_clip = TrainConfig.model_validate(_config(latents, str(tmp_path), "no_clip",
+                                                      objective={"rules": {"clip_prefix": {"t2i": 0.5}}}))
+    with pytest.raises(ConfigError, match="clip_prefix needs latents whose text pooled encoder is clip-text-pooled"):
+        run(without_clip)
 
 
 def _scalars(event_file: bytes, tag: str) -> dict[int, float]:

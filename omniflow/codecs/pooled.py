@@ -93,10 +93,13 @@ class PooledEncoder(ABC):
         raise NotImplementedError(f"pooled encoder {self.config.kind!r} defines no null input")
 
 
+CLIP_TEXT_KIND = "clip-text-pooled"
+
+
 class ClipTextPooledConfig(PooledConfig):
     """`path` is an SD3 pipeline directory (or any directory with these subfolders)."""
 
-    kind: str = "clip-text-pooled"
+    kind: str = CLIP_TEXT_KIND
     encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2")
     tokenizers: tuple[str, ...] = ("tokenizer", "tokenizer_2")
     max_length: int = Field(77, gt=0)
@@ -105,7 +108,7 @@ class ClipTextPooledConfig(PooledConfig):
         return {"path": [*self.encoders, *self.tokenizers]}
 
 
-@register_codec("clip-text-pooled")
+@register_codec(CLIP_TEXT_KIND)
 class ClipTextPooled(PooledEncoder):
     """Prompts -> SD3's pooled vector: each CLIP's projected text embedding, concatenated."""
 

@@ -267,6 +267,19 @@ class TextVAE(nn.Module):
         self, latents_BQD: torch.Tensor, targets: DecoderTargets
     ) -> torch.Tensor:
         """Mean next-token cross-entropy of the caption given the latent prefix (BOS not scored)."""
+        nll_BT, scored_BT = self._token_nll(latents_BQD, targets)
+        return nll_BT.sum() / scored_BT.sum()
+
+    def caption_nll(self, latents_BQD: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Per caption (B,), the mean next-token cross-entropy given its latent prefix; differentiable
+        in the latents (training's text anchor, `omniflow.objective`)."""
+        nll_BT, scored_BT = self._token_nll(latents_BQD.to(self.query.dtype), self.tokenize_decoder(texts))
+        return nll_BT.sum(1) / scored_BT.sum(1).clamp(min=1)
+
+    def _token_nll(
+        self, latents_BQD: torch.Tensor, targets: DecoderTargets
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each next token's cross-entropy (B, T-1), zero where not scored, and where it is scored."""
         prefix = self.prefix_embeds(latents_BQD)
         tokens = self.decoder.get_input_embeddings()(targets.input_ids_BT)
         hidden = self.decoder.model(
@@ -274,9 +287,10 @@ class TextVAE(nn.Module):
         ).last_hidden_state
         logits_BTV = self.decoder.lm_head(hidden[:, prefix.shape[1] : -1]).float()
         labels_BT = targets.labels_BT[:, 1:]
-        return nn.functional.cross_entropy(
-            logits_BTV.flatten(0, 1), labels_BT.flatten(), ignore_index=-100
+        nll_BT = nn.functional.cross_entropy(
+            logits_BTV.transpose(1, 2), labels_BT, ignore_index=-100, reduction="none"
         )
+        return nll_BT, labels_BT != -100
 
     @torch.no_grad()
     def decode(
@@ -423,7 +437,10 @@ class TextVAECodecConfig(CodecConfig):
     max_new_tokens: int | None = Field(None, ge=1, description="defaults to the VAE's max_length")
 
 
-@register_codec("omniflow-text-vae")
+TEXT_VAE_KIND = "omniflow-text-vae"
+
+
+@register_codec(TEXT_VAE_KIND)
 class TextVAECodec(Codec):
     """Captions <-> text-VAE latents (B, num_queries, latent_dim).
 
