@@ -9,9 +9,10 @@ S3) and each of its tasks, one Ray Data pipeline reads the rows, gives each its 
 hold the model (`generation`: actors, CPUs / GPUs each, samples per sampler call). The samples
 are committed as whole Parquet parts; a rerun skips every key already written, so a killed job
 continues where it stopped, and the same config regenerates the same outputs. Then actor stages
-holding the feature extractors (`scoring`) score every sample: FID and CLIP score for images, FAD
-and CLAP score for audio, CIDEr-D / BLEU-4 / ROUGE-L for captions, and a concept checker where one
-is named (the toy domain's). The benchmark's own statistics for FID and FAD are computed once per
+holding the feature extractors (`scoring`) score every sample: FID, CLIP score and optionally
+ImageReward for images, FAD and CLAP score for audio, CIDEr-D / BLEU-4 / ROUGE-L for captions
+(against every caption of the sample's medium), and a concept checker where one is named (the toy
+domain's). The benchmark's own statistics for FID and FAD are computed once per
 feature extractor and cached (`metrics.reference_cache`, default beside the benchmark's files).
 
 Output layout under `output`:
@@ -22,6 +23,8 @@ Output layout under `output`:
                                                come from: a rerun with others is refused
     <benchmark>/<task>/generated.json          the parts a finished generation left (a rerun with them
                                                all in place generates nothing)
+    <benchmark>/<task>/references.parquet      for a text target: the rows that are one sample (the same
+                                               condition medium), whose captions are all its references
     <benchmark>/<task>/scored.json             the task's metrics, reused by a rerun while its sample
                                                parts and metrics config are the same
     metrics.json                               per benchmark and task: metrics, counts; seeds, config, versions
@@ -46,6 +49,7 @@ from omniflow.tasks import get_task
 from pipelines.evaluation.config import BenchmarkConfig, EvaluateConfig, pairs
 from pipelines.evaluation.generate import STAGE, GenerateStage, start_rows
 from pipelines.evaluation.paper import beside_paper
+from pipelines.evaluation.references import CaptionGroups, caption_groups
 from pipelines.evaluation.report import RANKING, write_report
 from pipelines.evaluation.scoring import FEATURES, ReferenceStage, ScoreStage, extractor_id
 from pipelines.manifest import EvaluateManifest, package_versions, write_manifest
@@ -60,6 +64,7 @@ SCORES_FILE = "scores.parquet"
 SCORED_FILE = "scored.json"  # the task's metrics, and the sample parts and metrics config they are of
 GENERATED_FILE = "generated.json"  # the parts a finished generation left
 REPORT_FILE = "report.html"
+REFERENCES_FILE = "references.parquet"  # rows captioned as one sample, for text targets
 
 
 def task_dir(config: EvaluateConfig, bench: BenchmarkConfig, task: str) -> str:
@@ -79,7 +84,8 @@ def samples_identity(config: EvaluateConfig, bench: BenchmarkConfig) -> dict[str
     """What a task's samples were made from: the model directory as listed (its files' names,
     sizes and stamps), the sampling settings and the benchmark's source."""
     return {"model": config.model, "model_listing": st.listing_digest(config.model, config.storage),
-            "sampling": config.sampling.model_dump(mode="json"), "source": bench.source.model_dump(mode="json")}
+            "sampling": config.sampling.model_dump(mode="json"), "source": bench.source.model_dump(mode="json"),
+            "references": bench.references}
 
 
 def check_identity(config: EvaluateConfig, bench: BenchmarkConfig, task: str) -> None:
@@ -108,13 +114,32 @@ def generate(config: EvaluateConfig, bench: BenchmarkConfig, task: str, progress
     done = sink.done_keys()
     if done:
         progress.log(f"{bench.name}/{task}: resuming, {len(done)} rows already written")
-    ds = read_sources([bench.source], config.storage, skip_keys=done, num_cpus=config.io_num_cpus)
+    merged = references(config, bench, task, progress).merged
+    ds = read_sources([bench.source], config.storage, skip_keys=done | merged, num_cpus=config.io_num_cpus)
     ds = ds.map_batches(start_rows, fn_kwargs={"task": task, "base_seed": config.sampling.seed},
                         batch_format="pyarrow", num_cpus=config.io_num_cpus)
     ds = ds.map_batches(GenerateStage, **GenerateStage.map_batches_kwargs(config, task))
     ds.write_datasink(sink, ray_remote_args={"num_cpus": config.io_num_cpus})
     sink.deduplicate()
     st.write_bytes_atomic(finished, dumps(_listing(sink)), config.storage)
+
+
+def references(config: EvaluateConfig, bench: BenchmarkConfig, task: str, progress: Progress) -> CaptionGroups:
+    """A text-generating task's samples that stand for several rows, and their references (none
+    for other tasks, or with `references: row`)."""
+    spec = get_task(task)
+    if spec.targets != (Modality.TEXT,) or bench.references == "row" or len(spec.conditions) != 1:
+        return CaptionGroups()
+    path = st.join(task_dir(config, bench, task), REFERENCES_FILE)
+    fresh = not st.exists(path, config.storage)
+    if fresh:
+        progress.log(f"{bench.name}/{task}: grouping rows by their {spec.conditions[0].value}")
+    rows = read_sources([bench.source], config.storage, num_cpus=config.io_num_cpus)
+    groups = caption_groups(rows, spec.conditions[0], path, config.storage, num_cpus=config.io_num_cpus)
+    if fresh and groups.merged:
+        progress.log(f"{bench.name}/{task}: {len(groups.merged) + len(groups.references)} rows are "
+                     f"{len(groups.references)} samples with several references")
+    return groups
 
 
 def _listing(sink: KeptRejectedSink) -> dict[str, list[str]]:
@@ -206,8 +231,9 @@ def score(config: EvaluateConfig, bench: BenchmarkConfig, task: str, progress: P
         result["fid" if target == Modality.IMAGE else "fad"] = frechet.compute()
         result["reference_samples"] = int(stats["count"])
     if target == Modality.TEXT and config.metrics.captions:
-        table = _with_caption_scores(config, parts["samples"], table, result)
-    for name in ("clip_score", "clap_score"):
+        table = _with_caption_scores(config, parts["samples"], table, result,
+                                     references(config, bench, task, progress))
+    for name in ("clip_score", "image_reward", "clap_score"):
         if name in table.column_names:
             result[name] = float(np.mean(table.column(name).to_numpy()))
     if "checks" in table.column_names:
@@ -219,13 +245,16 @@ def score(config: EvaluateConfig, bench: BenchmarkConfig, task: str, progress: P
     return result, table
 
 
-def _with_caption_scores(config: EvaluateConfig, parts: list[str], table: pa.Table, result: dict) -> pa.Table:
+def _with_caption_scores(config: EvaluateConfig, parts: list[str], table: pa.Table, result: dict,
+                         groups: CaptionGroups) -> pa.Table:
     samples = read_parts(parts, config.storage, ["key", "caption", "generated_caption"])
     by_key = dict(zip(samples.column("key").to_pylist(), zip(samples.column("caption").to_pylist(),
                                                            samples.column("generated_caption").to_pylist())))
     keys = table.column("key").to_pylist()
-    scores = caption_metrics([by_key[k][1] or "" for k in keys], [[by_key[k][0]] for k in keys])
-    result |= {"cider": scores.cider, "bleu4": scores.bleu[3], "rouge_l": scores.rouge_l}
+    refs = [groups.of(k, by_key[k][0]) for k in keys]
+    scores = caption_metrics([by_key[k][1] or "" for k in keys], refs)
+    result |= {"cider": scores.cider, "bleu4": scores.bleu[3], "rouge_l": scores.rouge_l,
+               "references_per_sample": float(np.mean([len(r) for r in refs])) if refs else 0.0}
     table = table.append_column("cider", pa.array(scores.cider_per_sample, pa.float32()))
     table = table.append_column("bleu4", pa.array(scores.bleu_per_sample[:, 3], pa.float32()))
     return table.append_column("rouge_l", pa.array(scores.rouge_l_per_sample, pa.float32()))

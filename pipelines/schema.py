@@ -121,11 +121,22 @@ EVAL_SCORE = pa.schema(
         pa.field("seed", pa.int64(), nullable=False),
         pa.field("clip_score", pa.float32()),  # 100 * max(cos, 0), generated image vs caption
         pa.field("clap_score", pa.float32()),  # the same for generated audio vs caption
+        pa.field("image_reward", pa.float32()),  # ImageReward of a generated image for its caption
         pa.field("cider", pa.float32()),  # generated caption vs the reference caption
         pa.field("bleu4", pa.float32()),
         pa.field("rouge_l", pa.float32()),
         pa.field("checks", pa.string()),  # a concept checker's JSON: attribute -> read back right
         pa.field("schema_version", pa.int16(), nullable=False),
+    ]
+)
+
+# The rows of a benchmark that the evaluation job captions as one sample (the same condition medium):
+# each row's key, the key of the sample it belongs to (the group's first key), and its caption.
+EVAL_REFERENCE = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("sample", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
     ]
 )
 

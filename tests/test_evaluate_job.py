@@ -1,10 +1,12 @@
 """The evaluation job end to end on a real local Ray cluster: a toy model, ShapesWorld benchmark
-sets, the toy feature extractors, outputs on a loopback S3 bucket; resuming, reproducible seeds,
-cached reference statistics, and rows that cannot be evaluated. (`tests/test_demo.py` runs the
+sets and a caption set with several captions per image, the toy feature extractors and a tiny
+ImageReward, inputs and outputs on a loopback S3 bucket; resuming, reproducible seeds, cached
+reference statistics, and rows that cannot be evaluated. (`tests/test_demo.py` runs the
 ShapesWorld config on every task, audio metrics included.)"""
 
 import io
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,11 +15,16 @@ import yaml
 
 from jobs.evaluate import main
 from omniflow import storage as st
+from omniflow.metrics import caption_metrics
 from pipelines.evaluation.config import EvaluateConfig
 from pipelines.evaluation.generate import sample_seed, start_rows
 from pipelines.schema import EVAL_SCORE, READ_SAMPLE
 
 SAMPLES = 6
+IMAGE_REWARD = Path(__file__).parent / "fixtures" / "image_reward"
+# three images, each in two or three rows with its own caption (COCO's layout, five per image)
+CAPTIONED = [(0, "a red circle"), (0, "a small red circle"), (1, "a blue square"), (1, "a blue box"),
+             (1, "one blue square"), (2, "a green triangle"), (2, "a triangle in green")]
 
 
 def _source(name: str, modalities: list[str], seed: int) -> dict:
@@ -25,9 +32,27 @@ def _source(name: str, modalities: list[str], seed: int) -> dict:
             "samples_per_shard": 3, "seed": seed}
 
 
+def _captioned_set(s3_server) -> str:
+    """A Parquet benchmark on S3 with several rows per image, and one row without its image."""
+    import numpy as np
+
+    from omniflow.codecs.media import encode_image
+
+    rng = np.random.default_rng(5)
+    images = [encode_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    rows = [{"image": images[i], "caption": c} for i, c in CAPTIONED] + [{"image": None, "caption": "lost"}]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    url = s3_server.url("evaluation", "benchmarks", "captioned", "part-0.parquet")
+    st.write_bytes_atomic(url, buffer.getvalue(), s3_server.storage)
+    return url
+
+
 @pytest.fixture(scope="module")
 def config(toy_model_dir, toy_clip, s3_server) -> dict:
     clip_dir, _ = toy_clip
+    image_reward = s3_server.url("evaluation", "models", "image_reward")
+    st.upload_dir(IMAGE_REWARD, image_reward, s3_server.storage)
     return {
         "model": str(toy_model_dir),
         "output": s3_server.url("evaluation", "run"),
@@ -37,6 +62,8 @@ def config(toy_model_dir, toy_clip, s3_server) -> dict:
              "paper": "coco"},
             # no audio in this set: every t2a row is rejected with its reason
             {"name": "image-only", "source": _source("eval-i", ["image", "caption"], 1_000_005), "tasks": ["t2a"]},
+            {"name": "captioned", "source": {"name": "captioned", "type": "parquet", "path": _captioned_set(s3_server)},
+             "tasks": ["i2t"]},
         ],
         "sampling": {"steps": 2, "guidance": 2.0, "seed": 3},
         "metrics": {
@@ -44,6 +71,7 @@ def config(toy_model_dir, toy_clip, s3_server) -> dict:
                      "pretrained": str(clip_dir / "open_clip_model.safetensors")},
             "image_features": "clip", "audio_tower": str(clip_dir), "audio_features": "audio_tower",
             "audio_text": "audio_tower", "checkers": "shapesworld",
+            "image_reward": {"path": image_reward, "vision_heads": 3},
             "reference_cache": s3_server.url("evaluation", "reference"),
         },
         "generation": {"batch_size": 4}, "scoring": {"batch_size": 4}, "rows_per_part": 2,
@@ -73,6 +101,20 @@ def test_evaluate_end_to_end_resumes_and_reproduces(config, ray_cluster, tmp_pat
     assert metrics["benchmarks"]["image-only"]["t2a"] == {"samples": 0, "rejected": SAMPLES}
     scores = pq.read_table(io.BytesIO(_read(f"{run}/image-text/t2i/scores.parquet", storage)))
     assert scores.schema.equals(EVAL_SCORE, check_metadata=False) and scores.num_rows == SAMPLES
+    rewards = scores.column("image_reward").to_pylist()
+    assert None not in rewards and len(set(rewards)) > 1
+    assert it["t2i"]["image_reward"] == pytest.approx(sum(rewards) / len(rewards), rel=1e-5)
+
+    # Several captions of one image: one sample, captioned once, scored against all of them.
+    captioned = metrics["benchmarks"]["captioned"]["i2t"]
+    assert captioned["samples"] == 3 and captioned["rejected"] == 1
+    assert captioned["references_per_sample"] == pytest.approx(len(CAPTIONED) / 3)
+    generated = {r["caption"]: r["generated_caption"]
+                 for r in _samples(f"{run}/captioned/i2t/samples", storage).values()}
+    assert set(generated) == {"a red circle", "a blue square", "a green triangle"}  # each image's first row
+    references = [[c for i, c in CAPTIONED if i == image] for image in range(3)]
+    expected = caption_metrics([generated[refs[0]] for refs in references], references)
+    assert captioned["cider"] == pytest.approx(expected.cider, abs=1e-6)
     report = _read(f"{run}/report.html", storage).decode()
     assert "best by clip_score" in report and "data:image/png;base64," in report and "Beside the paper" in report
 
@@ -152,3 +194,13 @@ def test_inception_features_of_mixed_sizes_from_weights_on_s3(s3_server, tmp_pat
     features = embedders.image_features(images)
     assert features.shape == (2, 2048) and np.isfinite(features).all()
     assert not np.allclose(features[0], features[1])
+
+
+def test_the_paper_config_validates():
+    """configs/evaluate_paper.yaml (docs/evaluate.md's real-benchmark path) as the job loads it."""
+    from omniflow.config import load_config
+
+    config = load_config(EvaluateConfig, "configs/evaluate_paper.yaml", ["model=s3://bucket/model"])
+    assert [(b.paper, b.tasks) for b in config.benchmarks] == [
+        ("coco", ["t2i"]), ("coco", ["i2t"]), ("audiocaps", ["t2a"]), ("audiocaps", ["a2t"])]
+    assert config.metrics.image_features == "inception" and config.metrics.image_reward is not None

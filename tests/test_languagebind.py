@@ -30,7 +30,10 @@ def test_front_end_matches_the_release_processor(encoder):
     pixels = encoder.front_end([decode_audio(WAV.read_bytes())[0]])
     expected = load_file(FIXTURE / "preprocess.safetensors")["languagebind_pixel_values"]
     assert pixels.shape == expected.shape == (1, 3, 112, 1036)
-    torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=0)
+    # log mel energies of a float32 FFT: CPUs with other vector units round the FFT differently
+    # (seen: 8e-5 relative on a few bins of one AMD machine); a wrong frame, window or filterbank is
+    # off by far more
+    torch.testing.assert_close(pixels, expected, atol=1e-5, rtol=5e-4)
 
 
 @pytest.mark.parametrize("task", ["a2t", "a2i"])

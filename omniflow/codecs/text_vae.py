@@ -267,30 +267,35 @@ class TextVAE(nn.Module):
         self, latents_BQD: torch.Tensor, targets: DecoderTargets
     ) -> torch.Tensor:
         """Mean next-token cross-entropy of the caption given the latent prefix (BOS not scored)."""
-        nll_BT, scored_BT = self._token_nll(latents_BQD, targets)
-        return nll_BT.sum() / scored_BT.sum()
+        logits_BTV, labels_BT = self._next_token_logits(latents_BQD, targets)
+        # one mean over every scored token: the arithmetic the toy text VAE's recipe was tuned with
+        # (a per-caption reduction of the same sum trains a measurably different model on CPUs)
+        return nn.functional.cross_entropy(
+            logits_BTV.flatten(0, 1), labels_BT.flatten(), ignore_index=-100
+        )
 
     def caption_nll(self, latents_BQD: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """Per caption (B,), the mean next-token cross-entropy given its latent prefix; differentiable
         in the latents (training's text anchor, `omniflow.objective`)."""
-        nll_BT, scored_BT = self._token_nll(latents_BQD.to(self.query.dtype), self.tokenize_decoder(texts))
-        return nll_BT.sum(1) / scored_BT.sum(1).clamp(min=1)
+        logits_BTV, labels_BT = self._next_token_logits(latents_BQD.to(self.query.dtype),
+                                                        self.tokenize_decoder(texts))
+        nll_BT = nn.functional.cross_entropy(
+            logits_BTV.transpose(1, 2), labels_BT, ignore_index=-100, reduction="none"
+        )
+        return nll_BT.sum(1) / (labels_BT != -100).sum(1).clamp(min=1)
 
-    def _token_nll(
+    def _next_token_logits(
         self, latents_BQD: torch.Tensor, targets: DecoderTargets
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each next token's cross-entropy (B, T-1), zero where not scored, and where it is scored."""
+        """The decoder's float32 logits for each next caption token (B, T-1, V), and its labels
+        (B, T-1; -100 where not scored)."""
         prefix = self.prefix_embeds(latents_BQD)
         tokens = self.decoder.get_input_embeddings()(targets.input_ids_BT)
         hidden = self.decoder.model(
             inputs_embeds=torch.cat([prefix, tokens], dim=1)
         ).last_hidden_state
         logits_BTV = self.decoder.lm_head(hidden[:, prefix.shape[1] : -1]).float()
-        labels_BT = targets.labels_BT[:, 1:]
-        nll_BT = nn.functional.cross_entropy(
-            logits_BTV.transpose(1, 2), labels_BT, ignore_index=-100, reduction="none"
-        )
-        return nll_BT, labels_BT != -100
+        return logits_BTV, targets.labels_BT[:, 1:]
 
     @torch.no_grad()
     def decode(

@@ -17,6 +17,7 @@ from omniflow import storage as st
 from omniflow.codecs.base import read_codec_set
 from omniflow.scoring.clap import ClapConfig
 from omniflow.scoring.clip import ClipConfig
+from omniflow.scoring.image_reward import ImageRewardConfig
 from omniflow.tasks import get_task
 from pipelines.evaluation.paper import PaperBenchmark
 from pipelines.resources import StageResources
@@ -32,6 +33,10 @@ class BenchmarkConfig(BaseModel):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     source: SourceConfig
     tasks: list[str] = Field(min_length=1)
+    references: Literal["same_medium", "row"] = Field(
+        "same_medium", description="for tasks that generate text: rows with a byte-identical condition medium are "
+                                   "one sample with every row's caption as a reference (same_medium), or each "
+                                   "row is a sample with its own caption (row)")
     paper: PaperBenchmark | None = Field(
         None, description="the paper's benchmark this set stands for; its published numbers are printed beside")
 
@@ -71,7 +76,8 @@ class MetricsConfig(BaseModel):
 
     - image targets: FID over `image_features` (torchmetrics' InceptionV3 from `inception_weights`,
       torch-fidelity's `pt_inception-2015-12-05` file, as the paper's COCO FID; or the `clip`
-      model's image embeddings), and CLIP score with `clip`;
+      model's image embeddings), CLIP score with `clip`, and ImageReward with `image_reward` (the
+      release's files in a directory: `omniflow.scoring.image_reward`);
     - audio targets: FAD over the `audio_features` embedder's vectors and the audio-text score
       (CLAP score) with `audio_text`: `clap` (a CLAP model directory) or `audio_tower` (a pooled
       audio encoder config whose vectors live in `clip`'s text space, as the toy's);
@@ -84,6 +90,7 @@ class MetricsConfig(BaseModel):
     clip: ClipConfig | None = None
     image_features: ImageFeatures | None = "inception"
     inception_weights: str | None = None
+    image_reward: ImageRewardConfig | None = None
     clap: ClapConfig | None = None
     audio_tower: str | dict[str, Any] | None = Field(
         None, description="a pooled audio encoder config (kind, path, ...), or a local codec set directory "

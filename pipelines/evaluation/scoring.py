@@ -27,6 +27,7 @@ from omniflow.metrics import clip_score, inception_features
 from omniflow.modality import Modality
 from omniflow.scoring.clap import load_clap
 from omniflow.scoring.clip import load_clip
+from omniflow.scoring.image_reward import load_image_reward
 from omniflow.tasks import get_task
 from pipelines.evaluation.config import MetricsConfig
 from pipelines.evaluation.generate import GENERATED_COLUMN
@@ -73,6 +74,10 @@ class Embedders:
         self.inception = None
         if metrics.image_features == "inception":
             self.inception = inception_features(st.local_file(metrics.inception_weights, storage)).to(device).eval()
+        self.image_reward = None
+        if metrics.image_reward is not None:
+            where = metrics.image_reward.model_copy(update={"path": local_dir(metrics.image_reward.path)})
+            self.image_reward = load_image_reward(where, device=device)
         self.clap = load_clap(metrics.clap.model_copy(update={"path": local_dir(metrics.clap.path)}), device=device) \
             if metrics.clap else None
         self.audio_tower = None
@@ -106,6 +111,10 @@ class Embedders:
                     clip_BD: torch.Tensor | None = None) -> np.ndarray:
         images_BD = clip_BD if clip_BD is not None else self.clip_images(images)
         return clip_score(images_BD, self.clip.embed_texts(list(captions))).cpu().numpy()
+
+    def image_rewards(self, images: Sequence[bytes], captions: Sequence[str]) -> np.ndarray:
+        decoded = [decode_image(b).convert("RGB") for b in images]
+        return self.image_reward.score(list(captions), decoded).numpy()
 
     @torch.no_grad()
     def audio_text_scores(self, clips: Sequence[bytes], captions: Sequence[str]) -> np.ndarray:
@@ -151,6 +160,8 @@ class ScoreStage:
             if scored:
                 out["clip_score"] = pa.array(self.embedders.clip_scores(generated, captions, clip_BD=clip_BD),
                                              pa.float32())
+            if metrics.image_reward is not None and Modality.TEXT in self.task.conditions:
+                out["image_reward"] = pa.array(self.embedders.image_rewards(generated, captions), pa.float32())
         elif target == Modality.AUDIO:
             if metrics.audio_features:
                 features = self.embedders.audio_features(generated)
@@ -175,7 +186,8 @@ class ReferenceStage:
     without it, or that the source could not read, give none)."""
 
     def __init__(self, metrics: dict[str, Any], modality: str, device: str, storage: st.StorageConfig):
-        self.embedders = Embedders(MetricsConfig.model_validate(metrics), device=resolve_device(device),
+        features_only = {**metrics, "image_reward": None}  # per-sample scorers are not needed here
+        self.embedders = Embedders(MetricsConfig.model_validate(features_only), device=resolve_device(device),
                                    storage=storage)
         self.modality = Modality(modality)
 
