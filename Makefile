@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	# the project's own bytecode, once: where PYTHONDONTWRITEBYTECODE is set, every process (each Ray
+	# worker and actor) would otherwise compile the editable sources again (an edited module is still
+	# recompiled, in memory, when its source is newer)
+	$(PY) -m compileall -q omniflow pipelines jobs serve shapesworld
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -45,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     parser.add_argument("--model", default="runs/demo/model", help="a ShapesWorld model directory to measure")
     parser.add_argument("--config", default=str(CONFIG), help="the evaluation config measured")
-    parser.add_argument("--small", type=int, default=10, help="rows per benchmark set in the first run")
-    parser.add_argument("--large", type=int, default=50, help="rows per benchmark set in the second run")
+    parser.add_argument("--small", type=int, default=20, help="rows per benchmark set in the first run")
+    parser.add_argument("--large", type=int, default=420, help="rows per benchmark set in the second run")
     parser.add_argument("--preset", default="sd3-medium", help="the model size of the estimate")
     parser.add_argument("--steps", type=int, default=28, help="sampler steps of the estimate (the release's default)")
     parser.add_argument("--image-latent", type=int, default=None,

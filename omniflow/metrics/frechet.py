@@ -22,7 +22,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
 from omniflow import storage as st
 
@@ -62,6 +61,9 @@ class FrechetDistance:
         if num_features < 1:
             raise ValueError(f"num_features must be at least 1, got {num_features}")
         self.num_features = num_features
+        # imported here: torchmetrics takes seconds to import, which every scoring actor would pay
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
         # Real statistics are replaced by `load_real_statistics`, so a cached compute() would lie.
         self._metric = FrechetInceptionDistance(
             feature=_Precomputed(num_features), compute_with_cache=False
@@ -177,6 +179,8 @@ def inception_features(weights_path: str, *, antialias: bool = False) -> nn.Modu
     tensors = io.BytesIO()
     torch.save(state_dict, tensors)
     tensors.seek(0)
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
     try:
         return NoTrainInceptionV3(
             name="inception-v3-compat",
