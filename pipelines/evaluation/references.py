@@ -7,7 +7,8 @@ rows whose conditioning medium is byte-identical are one sample: the model capti
 from the row whose key sorts first, and every row's caption is a reference. A row without the
 medium or without a caption stays a row of its own (and is rejected with its reason).
 
-    >>> groups = caption_groups(read_sources([source], storage), Modality.IMAGE)
+    >>> groups = caption_groups(read_sources([source], storage), Modality.IMAGE,
+    ...                         "out/karpathy/i2t/references.parquet", storage)
     >>> groups.references["coco/part-0/0"]  # the captions of every row with that image
     >>> groups.merged  # the other rows' keys: not generated
 """
